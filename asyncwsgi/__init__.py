@@ -1,0 +1,36 @@
+"""asyncwsgi: a WSGI (PEP 3333) server over HTTP/1.1 on one asyncio event loop.
+
+One event loop (uvloop where available) owns every socket; h11 parses and frames HTTP/1.1; each
+request's application call runs in a thread pool. Idle keep-alive connections and slow clients
+hold no thread.
+
+Public API:
+
+- :func:`serve`: ``await asyncwsgi.serve(app, port=8000)`` inside a running loop.
+- :func:`run`: ``asyncwsgi.run(app, port=8000)``, blocking, with signal handling.
+- :class:`Server`: the server object (bound addresses, started signal, ``shutdown(timeout)``).
+- :class:`Config`: every setting, the single source of truth for the CLI and the API.
+- :class:`FileWrapper`: the ``wsgi.file_wrapper`` type.
+- errors: :class:`AsyncWSGIError`, :class:`ConfigError`, :class:`ClientDisconnected`.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import Config
+from .errors import AsyncWSGIError, ClientDisconnected, ConfigError
+from .filewrapper import FileWrapper
+from .server import Server, run, serve
+
+__all__ = [
+    "__version__",
+    "AsyncWSGIError",
+    "ClientDisconnected",
+    "Config",
+    "ConfigError",
+    "FileWrapper",
+    "Server",
+    "run",
+    "serve",
+]

@@ -1,0 +1,19 @@
+"""Type aliases over ``wsgiref.types`` (PEP 3333), for annotations only.
+
+``wsgiref.types`` exists from Python 3.11; modules import these names under ``TYPE_CHECKING``
+so that the package also runs on 3.10.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TypeAlias
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["ExcInfo", "StartResponse", "WSGIApplication", "WSGIEnvironment", "Address"]
+
+#: ``sys.exc_info()`` of a raised exception.
+ExcInfo: TypeAlias = tuple[type[BaseException], BaseException, TracebackType | None]
+
+#: A socket address as asyncio reports it: (host, port) for IPv4, a 4-tuple for IPv6, a str path.
+Address: TypeAlias = tuple[str, int] | tuple[str, int, int, int] | str

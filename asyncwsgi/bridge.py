@@ -1,0 +1,377 @@
+"""The only seam between the event loop and the worker threads.
+
+Two objects cross it, one per direction, both created on the loop for one request:
+
+- :class:`ResponseSink` carries the response from the worker thread to the loop. The worker hands
+  over the head and body chunks without waiting while the connection's unsent output is below
+  ``write_high_water`` bytes, and blocks only above it, until the client has read enough. So a
+  small response costs one crossing each way, and a slow client pauses the app's iteration, never
+  the loop (waitress's ``write_soon`` does the same with a condition variable).
+- :class:`RequestBody` is ``wsgi.input`` for a body still arriving: the loop feeds it, the worker
+  reads it, and the loop stops reading the socket while ``read_high_water`` bytes wait unread.
+
+Every method says which thread may call it. Worker threads never touch the socket or h11; they
+only ask the loop, through ``loop.call_soon_threadsafe``, to act.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .errors import ClientDisconnected
+
+if TYPE_CHECKING:
+    from .filewrapper import FileWrapper
+
+__all__ = ["Head", "ResponseSink", "ResponseTarget", "RequestBody", "BodyTarget", "EMPTY_BODY"]
+
+#: A validated response head: (status code, reason phrase, [(name, value), ...]), latin-1 bytes.
+Head = tuple[int, bytes, list[tuple[bytes, bytes]]]
+
+
+class ResponseTarget(Protocol):
+    """What a :class:`ResponseSink` asks of its connection. Loop thread only."""
+
+    def on_response_data(
+        self, sink: ResponseSink, head: Head | None, chunks: list[bytes], end: bool
+    ) -> None: ...
+
+    def on_response_file(
+        self, sink: ResponseSink, head: Head, wrapper: FileWrapper, offset: int, count: int
+    ) -> None: ...
+
+    def on_response_abort(self, sink: ResponseSink) -> None: ...
+
+
+class ResponseSink:
+    """Hands one response from the worker thread to the loop, with backpressure.
+
+    The worker calls :meth:`send`, :meth:`send_file` and :meth:`abort`; the loop calls
+    :meth:`written`, :meth:`pause`, :meth:`resume` and :meth:`disconnect`.
+
+    Flow control uses two counters, each written by one thread only (so no lock is needed):
+    ``handed`` (bytes the worker has handed over) and ``done`` (bytes the loop has passed to the
+    transport). The worker waits while ``handed - done`` exceeds the high-water mark or the
+    transport has paused writing, and is woken by the loop through a :class:`threading.Event`.
+
+    Args:
+        call_soon_threadsafe: the loop's ``call_soon_threadsafe``.
+        target: the connection that writes the response (loop thread).
+        high_water: bytes of unsent output above which the worker waits.
+        timeout: seconds the worker waits for a client that reads nothing before giving up with
+            :class:`ClientDisconnected`.
+        can_sendfile: whether the connection is plain TCP, so file bodies may go by sendfile(2).
+    """
+
+    __slots__ = (
+        "_call",
+        "_target",
+        "_high_water",
+        "_timeout",
+        "_ready",
+        "_waiting",
+        "handed",
+        "done",
+        "paused",
+        "disconnected",
+        "can_sendfile",
+        "head_sent",
+    )
+
+    def __init__(
+        self,
+        call_soon_threadsafe: Callable[..., Any],
+        target: ResponseTarget,
+        high_water: int,
+        timeout: float,
+        can_sendfile: bool,
+    ) -> None:
+        self._call = call_soon_threadsafe
+        self._target = target
+        self._high_water = high_water
+        self._timeout = timeout
+        self._ready = threading.Event()
+        self._waiting = False
+        self.handed = 0
+        self.done = 0
+        self.paused = False
+        self.disconnected = False
+        self.can_sendfile = can_sendfile
+        self.head_sent = False
+
+    # -- worker thread ------------------------------------------------------------------------
+
+    def send(self, head: Head | None, chunks: list[bytes], nbytes: int, end: bool) -> None:
+        """Hand over the head (first call only), body chunks, and whether the body ends here.
+
+        Worker thread only. Returns at once while output is below the high-water mark; above it,
+        waits until the client has read enough. With ``end=True`` it never waits: the rest is
+        written by the loop while the thread goes back to the pool.
+
+        Args:
+            head: the response head, on the first call only; None afterwards.
+            chunks: body chunks (non-empty bytes); the list is handed over, not copied.
+            nbytes: ``sum(map(len, chunks))``.
+            end: True when this is the last part of the body.
+
+        Raises:
+            ClientDisconnected: the client has gone away, or read nothing for ``timeout`` seconds.
+        """
+        if self.disconnected:
+            raise ClientDisconnected("client disconnected")
+        if head is not None:
+            self.head_sent = True
+        self.handed += nbytes
+        self._call(self._target.on_response_data, self, head, chunks, end)
+        if not end and (self.paused or self.handed - self.done > self._high_water):
+            self._wait_writable()
+
+    def send_file(self, head: Head, wrapper: FileWrapper, offset: int, count: int) -> None:
+        """Hand a file body to the loop, which sends ``count`` bytes from ``offset`` by sendfile.
+
+        Worker thread only. Returns at once; the loop owns ``wrapper`` from here on, and has its
+        ``close()`` called in a worker thread when the file has been sent or the send failed.
+
+        Raises:
+            ClientDisconnected: the client has already gone away (``wrapper`` stays the caller's).
+        """
+        if self.disconnected:
+            raise ClientDisconnected("client disconnected")
+        self.head_sent = True
+        self._call(self._target.on_response_file, self, head, wrapper, offset, count)
+
+    def abort(self) -> None:
+        """Ask the loop to cut the connection: the response cannot be completed. Worker thread."""
+        self._call(self._target.on_response_abort, self)
+
+    def _wait_writable(self) -> None:
+        ready = self._ready
+        while not self.disconnected and (self.paused or self.handed - self.done > self._high_water):
+            self._waiting = True
+            ready.clear()
+            if not self.disconnected and (
+                self.paused or self.handed - self.done > self._high_water
+            ):
+                if not ready.wait(self._timeout):
+                    self._waiting = False
+                    raise ClientDisconnected(f"client read nothing for {self._timeout:g} s")
+            self._waiting = False
+        if self.disconnected:
+            raise ClientDisconnected("client disconnected")
+
+    # -- loop thread ----------------------------------------------------------------------------
+
+    def written(self, nbytes: int) -> None:
+        """Record that ``nbytes`` handed-over bytes reached the transport. Loop thread only."""
+        self.done += nbytes
+        if self._waiting and not self.paused:
+            self._ready.set()
+
+    def pause(self) -> None:
+        """The transport's buffer went over its high-water mark. Loop thread only."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """The transport's buffer drained below its low-water mark. Loop thread only."""
+        self.paused = False
+        self._ready.set()
+
+    def disconnect(self) -> None:
+        """The connection is gone: the next hand-off raises in the worker. Loop thread only."""
+        self.disconnected = True
+        self._ready.set()
+
+
+class BodyTarget(Protocol):
+    """What a :class:`RequestBody` asks of its connection. Loop thread only."""
+
+    def send_continue(self) -> None: ...
+
+    def resume_body(self) -> None: ...
+
+
+class RequestBody:
+    """``wsgi.input`` for a request body that is still arriving (PEP 3333 "Input and Error Streams").
+
+    The loop calls :meth:`feed`, :meth:`feed_eof` and :meth:`disconnect`; the worker calls
+    ``read``, ``readline``, ``readlines`` and iterates. Reads block until enough data has arrived
+    or the body ends; past the end they return ``b""``. The first read of a request that carries
+    ``Expect: 100-continue`` asks the loop to send ``100 Continue``, so a client whose request the
+    app answers without reading never sends the body (RFC 9110 section 10.1.1).
+
+    Args:
+        call_soon_threadsafe: the loop's ``call_soon_threadsafe``.
+        target: the connection, asked to send 100 Continue and to resume reading.
+        high_water: bytes buffered unread above which :meth:`feed` tells the loop to stop reading.
+        expect_continue: whether the client waits for ``100 Continue``.
+        timeout: seconds a read waits for more data before raising :class:`ClientDisconnected`.
+    """
+
+    __slots__ = (
+        "_call",
+        "_target",
+        "_high_water",
+        "_continue",
+        "_timeout",
+        "_cond",
+        "_buffer",
+        "_eof",
+        "_error",
+        "reading_paused",
+    )
+
+    def __init__(
+        self,
+        call_soon_threadsafe: Callable[..., Any],
+        target: BodyTarget,
+        high_water: int,
+        expect_continue: bool,
+        timeout: float,
+    ) -> None:
+        self._call = call_soon_threadsafe
+        self._target = target
+        self._high_water = high_water
+        self._continue = expect_continue
+        self._timeout = timeout
+        self._cond = threading.Condition(threading.Lock())
+        self._buffer = bytearray()
+        self._eof = False
+        self._error: str | None = None
+        #: Set by the loop when it stopped reading the socket because the buffer is full.
+        self.reading_paused = False
+
+    # -- loop thread ----------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> bool:
+        """Append body bytes. Loop thread only.
+
+        Returns:
+            True when the buffer is now at or over the high-water mark: stop reading the socket
+            (and set :attr:`reading_paused`) until the worker asks to resume.
+        """
+        with self._cond:
+            self._buffer += data
+            self._cond.notify_all()
+            if len(self._buffer) >= self._high_water:
+                self.reading_paused = True
+                return True
+            return False
+
+    def feed_eof(self) -> None:
+        """Mark the end of the body. Loop thread only."""
+        with self._cond:
+            self._eof = True
+            self._continue = False
+            self._cond.notify_all()
+
+    def disconnect(self, reason: str = "client disconnected") -> None:
+        """Fail pending and future reads: the body will never be complete. Loop thread only."""
+        with self._cond:
+            if not self._eof:
+                self._error = reason
+            self._cond.notify_all()
+
+    # -- worker thread ------------------------------------------------------------------------
+
+    def _fill(self, want: int, line: bool) -> None:
+        """Wait until ``want`` bytes (or a line) are buffered, or the body ended. Lock held."""
+        buffer = self._buffer
+        while not self._eof:
+            if self._error is not None:
+                raise ClientDisconnected(self._error)
+            if (want >= 0 and len(buffer) >= want) or (line and b"\n" in buffer):
+                return
+            if self._continue:
+                self._continue = False
+                self._call(self._target.send_continue)
+            if self.reading_paused:
+                self.reading_paused = False
+                self._call(self._target.resume_body)
+            if not self._cond.wait(self._timeout):
+                raise ClientDisconnected(f"no request body data for {self._timeout:g} s")
+
+    def _take(self, size: int) -> bytes:
+        """Remove and return up to ``size`` bytes (all when negative). Lock held."""
+        buffer = self._buffer
+        if size < 0 or size >= len(buffer):
+            data = bytes(buffer)
+            buffer.clear()
+        else:
+            data = bytes(buffer[:size])
+            del buffer[:size]
+        if self.reading_paused and len(buffer) < self._high_water // 2:
+            self.reading_paused = False
+            self._call(self._target.resume_body)
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Read up to ``size`` bytes (all that remain when negative or None). Worker thread only.
+
+        Blocks until ``size`` bytes have arrived or the body ended.
+
+        Raises:
+            ClientDisconnected: the client went away before the body was complete, or sent
+                nothing for ``timeout`` seconds.
+        """
+        want = -1 if size is None or size < 0 else size
+        with self._cond:
+            self._fill(want if want >= 0 else 1 << 62, line=False)
+            return self._take(want)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        """Read one line, up to and including ``b"\\n"``, at most ``size`` bytes. Worker thread.
+
+        Raises:
+            ClientDisconnected: as for :meth:`read`.
+        """
+        limit = -1 if size is None or size < 0 else size
+        with self._cond:
+            self._fill(limit, line=True)
+            end = self._buffer.find(b"\n")
+            take = len(self._buffer) if end < 0 else end + 1
+            if limit >= 0:
+                take = min(take, limit)
+            return self._take(take)
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        """Read lines until the body ends, or until ``hint`` bytes have been read. Worker thread.
+
+        Raises:
+            ClientDisconnected: as for :meth:`read`.
+        """
+        lines: list[bytes] = []
+        total = 0
+        while line := self.readline():
+            lines.append(line)
+            total += len(line)
+            if 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
+
+
+class _EmptyBody:
+    """``wsgi.input`` of a request without a body: every read returns ``b""``. Stateless."""
+
+    __slots__ = ()
+
+    def read(self, size: int | None = -1) -> bytes:
+        return b""
+
+    def readline(self, size: int | None = -1) -> bytes:
+        return b""
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        return []
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(())
+
+
+#: The shared ``wsgi.input`` of requests without a body.
+EMPTY_BODY = _EmptyBody()

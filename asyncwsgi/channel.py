@@ -1,0 +1,613 @@
+"""HTTPChannel: one connection, on the event loop.
+
+The channel is the sole owner of its transport: it reads, writes and closes. It feeds received
+bytes to a sans-IO :class:`~asyncwsgi.http11.ServerConnection`, hands each complete request head
+to the thread pool (:func:`~asyncwsgi.wsgi.run_wsgi`), and writes what the worker hands back
+through the :class:`~asyncwsgi.bridge.ResponseSink`. One request is in flight at a time; pipelined
+requests wait in h11's buffer (reading pauses) until the response before them is complete.
+
+Every method here runs on the loop thread. A connection without a request in flight holds no
+thread: it is only this object and its transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import time
+import typing
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, Any
+
+import h11
+
+from .bridge import EMPTY_BODY, Head, RequestBody, ResponseSink
+from .config import Config
+from .environ import build_environ, connection_environ
+from .errors import RequestRejected
+from .filewrapper import FileWrapper
+from .http11 import PAUSED, ServerConnection
+from .logs import access_logger, error_logger, escape
+from .wsgi import run_wsgi
+
+if TYPE_CHECKING:
+    from ._types import WSGIApplication
+
+__all__ = ["HTTPChannel", "ServerState"]
+
+# Reasons reading is paused; reading resumes when none is left.
+_PAUSE_PIPELINE = 1
+_PAUSE_BODY = 2
+
+
+class ServerState:
+    """What every connection of one server shares. Loop thread only.
+
+    Attributes:
+        config: the server's configuration.
+        app: the WSGI application.
+        executor: the thread pool that runs the application.
+        channels: the open connections.
+        date_header: the current ``(b"date", ...)`` pair, refreshed every second by the server,
+            or None when ``config.date_header`` is off.
+        server_header: the ``(b"Server", b"asyncwsgi")`` pair, or None.
+        shutting_down: set when a graceful shutdown has begun (no new keep-alive cycles).
+        multiprocess: ``wsgi.multiprocess``.
+    """
+
+    def __init__(
+        self, config: Config, app: WSGIApplication, executor: Executor, multiprocess: bool = False
+    ) -> None:
+        self.config = config
+        self.app = app
+        self.executor = executor
+        self.channels: set[HTTPChannel] = set()
+        self.date_header: tuple[bytes, bytes] | None = None
+        self.server_header: tuple[bytes, bytes] | None = (
+            (b"Server", b"asyncwsgi") if config.server_header else None
+        )
+        self.shutting_down = False
+        self.multiprocess = multiprocess
+        self.idle_changed: asyncio.Event | None = None
+        self.refresh_date()
+
+    def refresh_date(self) -> None:
+        """Recompute the Date header (RFC 9110 section 5.6.7 IMF-fixdate), at most once a second."""
+        if self.config.date_header:
+            now = time.time()
+            self.date_header = (
+                b"Date",
+                time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode("ascii"),
+            )
+
+
+class _Cycle:
+    """One request/response exchange on a connection. Loop thread only."""
+
+    __slots__ = (
+        "request",
+        "chunks",
+        "body",
+        "body_complete",
+        "sink",
+        "started",
+        "status",
+        "file_sender",
+    )
+
+    def __init__(self, request: h11.Request, started: float) -> None:
+        self.request = request
+        self.chunks: list[bytes] = []
+        self.body: RequestBody | None = None
+        self.body_complete = False
+        self.sink: ResponseSink | None = None
+        self.started = started
+        self.status = 0
+        self.file_sender: _FileSender | None = None
+
+
+class HTTPChannel(asyncio.Protocol):
+    """The asyncio protocol of one HTTP/1.1 connection. Loop thread only.
+
+    Args:
+        state: shared server state.
+        url_scheme: ``http`` or ``https`` for this listener.
+    """
+
+    def __init__(self, state: ServerState, url_scheme: str = "http") -> None:
+        self.state = state
+        self.config = state.config
+        self.url_scheme = url_scheme
+        self.loop = asyncio.get_running_loop()
+        self.conn = ServerConnection(state.config, state.server_header)
+        self.transport: asyncio.Transport | None = None
+        self.cycle: _Cycle | None = None
+        self.client = "-"
+        self.base_environ: dict[str, Any] = {}
+        self.can_sendfile = False
+        self.closing = False
+        self.idle_since: float | None = None
+        self._paused = 0
+
+    # -- asyncio.Protocol callbacks --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Record addresses, build the connection's base environ, start the idle clock."""
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = typing.cast(asyncio.Transport, transport)
+        self.transport = transport
+        config = self.config
+        peer = transport.get_extra_info("peername")
+        sockname = transport.get_extra_info("sockname")
+        if isinstance(peer, tuple):
+            peer_pair: tuple[str, int] | None = (str(peer[0]), int(peer[1]))
+            self.client = f"{peer[0]}:{peer[1]}"
+        else:
+            peer_pair = None
+            self.client = "unix"
+        server = (
+            (str(sockname[0]), int(sockname[1]))
+            if isinstance(sockname, tuple)
+            else (str(sockname or ""), 0)
+        )
+        self.base_environ = connection_environ(
+            server=server,
+            peer=peer_pair,
+            url_scheme=self.url_scheme,
+            root_path=config.root_path,
+            multiprocess=self.state.multiprocess,
+        )
+        if config.expose_tracebacks:
+            self.base_environ["asyncwsgi.expose_tracebacks"] = True
+        self.can_sendfile = (
+            transport.get_extra_info("sslcontext") is None
+            and transport.get_extra_info("socket") is not None
+        )
+        transport.set_write_buffer_limits(high=config.write_high_water)
+        self.idle_since = self.loop.time()
+        self.state.channels.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        """Parse what arrived; start, feed or reject requests."""
+        self.idle_since = None
+        try:
+            events = self.conn.receive_data(data)
+        except RequestRejected as exc:
+            self.reject(exc)
+            return
+        self.handle_events(events)
+
+    def eof_received(self) -> bool:
+        """The client half-closed: finish the request in flight, if any, then close."""
+        try:
+            events = self.conn.receive_data(b"")
+        except RequestRejected as exc:
+            self.reject(exc)
+            return True
+        self.handle_events(events)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Release everything: wake the worker (its next hand-off raises), stop any sendfile."""
+        self.closing = True
+        self.state.channels.discard(self)
+        cycle = self.cycle
+        if cycle is not None:
+            if cycle.body is not None:
+                cycle.body.disconnect()
+            if cycle.sink is not None:
+                cycle.sink.disconnect()
+            if cycle.file_sender is not None:
+                cycle.file_sender.cancel()
+        self._notify_idle()
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is over ``write_high_water``: make the worker wait."""
+        cycle = self.cycle
+        if cycle is not None and cycle.sink is not None:
+            cycle.sink.pause()
+
+    def resume_writing(self) -> None:
+        """The transport's buffer drained: let the worker go on."""
+        cycle = self.cycle
+        if cycle is not None and cycle.sink is not None:
+            cycle.sink.resume()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def handle_events(self, events: list[Any]) -> None:
+        """Act on parsed events; hand a new request to the pool once its head is complete."""
+        for event in events:
+            kind = type(event)
+            if kind is h11.Data:
+                self._on_body_data(bytes(event.data))
+            elif kind is h11.Request:
+                self.cycle = _Cycle(event, time.perf_counter())
+            elif kind is h11.EndOfMessage:
+                cycle = self.cycle
+                assert cycle is not None
+                cycle.body_complete = True
+                if cycle.body is not None:
+                    cycle.body.feed_eof()
+            elif event is PAUSED:
+                self._pause_reading(_PAUSE_PIPELINE)
+            elif kind is h11.ConnectionClosed:
+                self._on_peer_closed()
+        cycle = self.cycle
+        if cycle is not None and cycle.sink is None and not self.closing:
+            self._dispatch(cycle)
+
+    def _on_body_data(self, data: bytes) -> None:
+        cycle = self.cycle
+        assert cycle is not None
+        if cycle.body is None:
+            cycle.chunks.append(data)
+        elif cycle.body.feed(data):
+            self._pause_reading(_PAUSE_BODY)
+
+    def _on_peer_closed(self) -> None:
+        cycle = self.cycle
+        if cycle is None:
+            self.close()
+        elif not cycle.body_complete and cycle.body is not None:
+            cycle.body.disconnect("client closed the connection before the body was complete")
+
+    def _dispatch(self, cycle: _Cycle) -> None:
+        """Build the environ and submit the request to the thread pool (one crossing)."""
+        call = self.loop.call_soon_threadsafe
+        config = self.config
+        if cycle.body_complete:
+            chunks = cycle.chunks
+            body: Any = (
+                EMPTY_BODY
+                if not chunks
+                else io.BytesIO(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            )
+        else:
+            body = cycle.body = RequestBody(
+                call,
+                self,
+                config.read_high_water,
+                self.conn.they_are_waiting_for_100_continue,
+                config.timeout_write,
+            )
+            for chunk in cycle.chunks:
+                if body.feed(chunk):
+                    self._pause_reading(_PAUSE_BODY)
+        cycle.chunks = []
+        environ = build_environ(self.base_environ, cycle.request, body)
+        sink = cycle.sink = ResponseSink(
+            call, self, config.write_high_water, config.timeout_write, self.can_sendfile
+        )
+        self.state.executor.submit(run_wsgi, self.state.app, environ, sink)
+
+    # -- BodyTarget: asked by the worker through call_soon_threadsafe ------------------------------
+
+    def send_continue(self) -> None:
+        """Send ``100 Continue`` if the client still waits for it (the app began reading)."""
+        if not self.closing and self.conn.they_are_waiting_for_100_continue:
+            assert self.transport is not None
+            self.transport.write(self.conn.send_continue())
+
+    def resume_body(self) -> None:
+        """The app consumed buffered body bytes: read the socket again."""
+        self._resume_reading(_PAUSE_BODY)
+
+    # -- ResponseTarget: handed over by the worker through call_soon_threadsafe -----------------
+
+    def on_response_data(
+        self, sink: ResponseSink, head: Head | None, chunks: list[bytes], end: bool
+    ) -> None:
+        """Write the head and body chunks from the worker; finish the cycle at the end."""
+        cycle = self.cycle
+        if self.closing or cycle is None or cycle.sink is not sink:
+            return
+        conn = self.conn
+        out: list[Any] = []
+        nbytes = 0
+        for chunk in chunks:
+            nbytes += len(chunk)
+        try:
+            if head is not None:
+                status, reason, headers = head
+                cycle.status = status
+                out.append(
+                    conn.send_response(
+                        status, reason, headers, self.state.date_header, nbytes if end else None
+                    )
+                )
+            for chunk in chunks:
+                out.extend(conn.send_data(chunk))
+            tail = conn.send_end() if end else b""
+        except h11.LocalProtocolError as exc:
+            error_logger.error("Invalid response to %s: %s", self._request_line(cycle), exc)
+            self.abort()
+            return
+        transport = self.transport
+        assert transport is not None
+        if len(out) == 1:
+            transport.write(out[0])
+        elif out:
+            transport.writelines(out)
+        sink.written(nbytes)
+        if end:
+            if tail is None:
+                error_logger.error(
+                    "Response to %s is shorter than its Content-Length; closing the connection",
+                    self._request_line(cycle),
+                )
+                self._finish_cycle(cycle, keep_alive=False)
+                return
+            if tail:
+                transport.write(tail)
+            self._finish_cycle(cycle, keep_alive=True)
+
+    def on_response_file(
+        self, sink: ResponseSink, head: Head, wrapper: FileWrapper, offset: int, count: int
+    ) -> None:
+        """Write the head, then send the file by sendfile(2) from the loop."""
+        cycle = self.cycle
+        if self.closing or cycle is None or cycle.sink is not sink:
+            self._close_in_worker(wrapper)
+            return
+        conn = self.conn
+        status, reason, headers = head
+        cycle.status = status
+        try:
+            transport = self.transport
+            assert transport is not None
+            transport.write(
+                conn.send_response(status, reason, headers, self.state.date_header, count)
+            )
+            left = conn.bytes_left
+            count = min(count, left if left is not None else count)
+            if count:
+                pieces = conn.send_file_placeholder(count)
+                assert not pieces  # Content-Length framing: nothing around the file bytes
+        except h11.LocalProtocolError as exc:
+            error_logger.error("Invalid response to %s: %s", self._request_line(cycle), exc)
+            self._close_in_worker(wrapper)
+            self.abort()
+            return
+        if not count:
+            self._close_in_worker(wrapper)
+            self._end_file_response(cycle)
+            return
+        sender = cycle.file_sender = _FileSender(self, wrapper, offset, count)
+        sender.start()
+
+    def on_file_sent(self, sender: _FileSender, error: OSError | None) -> None:
+        """The sendfile of ``sender`` finished (``error`` is None) or failed."""
+        cycle = self.cycle
+        self._close_in_worker(sender.wrapper)
+        if cycle is None or cycle.file_sender is not sender or self.closing:
+            return
+        cycle.file_sender = None
+        if error is not None:
+            error_logger.error("sendfile failed for %s: %s", self._request_line(cycle), error)
+            self.abort()
+            return
+        self._end_file_response(cycle)
+
+    def _end_file_response(self, cycle: _Cycle) -> None:
+        tail = self.conn.send_end()
+        if tail is None:
+            error_logger.error(
+                "File response to %s is shorter than its Content-Length; closing the connection",
+                self._request_line(cycle),
+            )
+            self._finish_cycle(cycle, keep_alive=False)
+            return
+        if tail:
+            assert self.transport is not None
+            self.transport.write(tail)
+        self._finish_cycle(cycle, keep_alive=True)
+
+    def on_response_abort(self, sink: ResponseSink) -> None:
+        """The app failed after its head went out: cut the connection (RFC 9112 section 9.6)."""
+        cycle = self.cycle
+        if cycle is not None and cycle.sink is sink:
+            self.abort()
+
+    def _close_in_worker(self, wrapper: FileWrapper) -> None:
+        """Run ``wrapper.close()`` in the pool: it may be app code (Django's response.close)."""
+        self.state.executor.submit(_close_quietly, wrapper)
+
+    # -- end of a cycle ----------------------------------------------------------------------
+
+    def _finish_cycle(self, cycle: _Cycle, keep_alive: bool) -> None:
+        """Log the access line, then start the next keep-alive cycle or close."""
+        if access_logger.isEnabledFor(logging.INFO):
+            self._log_access(cycle)
+        self.cycle = None
+        conn = self.conn
+        if conn.bytes_discarded:
+            error_logger.error(
+                "Response to %s is longer than its Content-Length; %d bytes were not sent",
+                self._request_line(cycle),
+                conn.bytes_discarded,
+            )
+            conn.bytes_discarded = 0
+        if not keep_alive or not conn.keep_alive or self.state.shutting_down:
+            self.close()
+            return
+        conn.start_next_cycle()
+        self.idle_since = self.loop.time()
+        self._notify_idle()
+        self._resume_reading(_PAUSE_PIPELINE | _PAUSE_BODY)
+        try:
+            events = conn.next_events()
+        except RequestRejected as exc:
+            self.reject(exc)
+            return
+        if events:
+            self.idle_since = None
+            self.handle_events(events)
+
+    def _log_access(self, cycle: _Cycle) -> None:
+        request = cycle.request
+        access_logger.info(
+            '%s - "%s %s HTTP/%s" %d %d %.3fms',
+            self.client,
+            escape(request.method.decode("latin-1")),
+            escape(request.target.decode("latin-1")),
+            request.http_version.decode("latin-1"),
+            cycle.status,
+            self.conn.body_bytes_sent,
+            (time.perf_counter() - cycle.started) * 1000.0,
+        )
+
+    def _request_line(self, cycle: _Cycle) -> str:
+        request = cycle.request
+        return escape(f"{request.method.decode('latin-1')} {request.target.decode('latin-1')}")
+
+    def _notify_idle(self) -> None:
+        event = self.state.idle_changed
+        if event is not None:
+            event.set()
+
+    # -- errors, pausing and closing ---------------------------------------------------------
+
+    def reject(self, exc: RequestRejected) -> None:
+        """Answer a malformed or oversized request with its 4xx/5xx status and close."""
+        error_logger.warning(
+            "Invalid HTTP request from %s: %d %s", self.client, exc.status, escape(exc.reason)
+        )
+        cycle = self.cycle
+        if cycle is not None:
+            if cycle.body is not None:
+                cycle.body.disconnect("invalid request body")
+            if cycle.sink is not None:
+                cycle.sink.disconnect()
+        data = self.conn.send_rejection(exc.status, exc.reason)
+        if data and self.transport is not None and not self.closing:
+            self.transport.write(data)
+        self.close()
+
+    def _pause_reading(self, reason: int) -> None:
+        if not self._paused and self.transport is not None and not self.closing:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def _resume_reading(self, reasons: int) -> None:
+        if self._paused:
+            self._paused &= ~reasons
+            if not self._paused and self.transport is not None and not self.closing:
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        """Close after the buffered output is written."""
+        if not self.closing:
+            self.closing = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping buffered output."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def check_timeouts(self, now: float) -> None:
+        """Close the connection if it has been idle longer than the keep-alive timeout.
+
+        Called about once a second (more often for short timeouts) by the server.
+        """
+        idle_since = self.idle_since
+        if (
+            idle_since is not None
+            and self.cycle is None
+            and now - idle_since >= self.config.timeout_keep_alive
+        ):
+            self.close()
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a request is being served on this connection."""
+        return self.cycle is not None
+
+
+class _FileSender:
+    """Send ``count`` bytes of a file from ``offset`` with ``os.sendfile`` on the loop thread.
+
+    uvloop has no ``loop.sendfile()`` (MagicStack/uvloop#228), and the transport owns its file
+    descriptor's polling. So the socket is duplicated (``os.dup``) and the duplicate watched for
+    writability with ``loop.add_writer``; each time it is writable and the transport's own buffer
+    is empty, ``os.sendfile`` copies file pages to the socket without passing through Python.
+    This works the same under uvloop and asyncio.
+    """
+
+    __slots__ = ("channel", "wrapper", "offset", "left", "_dup", "_in_fd", "_out_fd", "done")
+
+    def __init__(self, channel: HTTPChannel, wrapper: FileWrapper, offset: int, count: int) -> None:
+        self.channel = channel
+        self.wrapper = wrapper
+        self.offset = offset
+        self.left = count
+        self._dup = -1
+        self._in_fd = -1
+        self._out_fd = -1
+        self.done = False
+
+    def start(self) -> None:
+        transport = self.channel.transport
+        assert transport is not None
+        try:
+            self._in_fd = self.wrapper.filelike.fileno()
+            self._out_fd = transport.get_extra_info("socket").fileno()
+            self._dup = os.dup(self._out_fd)
+            self.channel.loop.add_writer(self._dup, self._on_writable)
+        except OSError as exc:
+            self._finish(exc)
+            return
+        self._on_writable()
+
+    def _on_writable(self) -> None:
+        if self.done:
+            return
+        transport = self.channel.transport
+        if transport is None or transport.get_write_buffer_size():
+            return  # the head is still buffered in the transport; wait until it has gone out
+        sendfile: Callable[[int, int, int, int], int] = os.sendfile
+        try:
+            while self.left > 0:
+                sent = sendfile(self._out_fd, self._in_fd, self.offset, self.left)
+                if sent == 0:  # the file is shorter than it was
+                    break
+                self.offset += sent
+                self.left -= sent
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._finish(exc)
+            return
+        self._finish(None)
+
+    def _finish(self, error: OSError | None) -> None:
+        self._stop()
+        self.channel.on_file_sent(self, error)
+
+    def _stop(self) -> None:
+        if not self.done:
+            self.done = True
+            if self._dup >= 0:
+                self.channel.loop.remove_writer(self._dup)
+                os.close(self._dup)
+                self._dup = -1
+
+    def cancel(self) -> None:
+        """The connection is gone: stop, and have the file closed."""
+        if not self.done:
+            self._stop()
+            self.channel.on_file_sent(self, None)
+
+
+def _close_quietly(wrapper: FileWrapper) -> None:
+    """Worker thread: close a file body, logging (not raising) an error."""
+    try:
+        wrapper.close()
+    except Exception:
+        error_logger.exception("Error closing a file response")

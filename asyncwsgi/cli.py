@@ -1,0 +1,149 @@
+"""The ``asyncwsgi`` command: ``asyncwsgi serve module:application [flags]``.
+
+Every flag is generated from :class:`~asyncwsgi.config.Config`'s fields, with their help text,
+so the CLI and the Python API cannot drift apart: ``threads`` is ``--threads``,
+``timeout_keep_alive`` is ``--timeout-keep-alive``, booleans get ``--x/--no-x``, and fields
+declare extra spellings (gunicorn's ``-b`` and ``--limit-request-field_size``) in their metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, get_args, get_origin
+
+from . import __version__
+from .config import Config
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from ._types import WSGIApplication
+
+__all__ = ["main", "load_app", "build_parser", "AppLoadError"]
+
+
+class AppLoadError(Exception):
+    """The application could not be imported: the message is one line for the user."""
+
+
+def load_app(spec: str, *, app_dir: str = ".", factory: bool = False) -> WSGIApplication:
+    """Import the WSGI application named by ``spec``.
+
+    Args:
+        spec: ``module:attribute`` (the attribute may be dotted), or ``module`` alone, which
+            means ``module:application`` as in gunicorn.
+        app_dir: directory put first on ``sys.path`` before importing.
+        factory: call the attribute with no arguments and use what it returns.
+
+    Raises:
+        AppLoadError: the module or attribute does not exist, or is not callable.
+        Exception: whatever importing the module raised inside its own code (shown in full).
+    """
+    module_name, _, attr = spec.partition(":")
+    attr = attr or "application"
+    if not module_name or not all(part.isidentifier() for part in attr.split(".")):
+        raise AppLoadError(f"APP must be MODULE:ATTRIBUTE, got {spec!r}")
+    path = os.path.abspath(app_dir)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise AppLoadError(f"could not import module {module_name!r}: {exc}") from None
+        raise
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AppLoadError(f"attribute {attr!r} not found in module {module_name!r}") from None
+    if factory:
+        if not callable(obj):
+            raise AppLoadError(f"factory {spec!r} is not callable")
+        obj = obj()
+    if not callable(obj):
+        raise AppLoadError(f"{spec!r} is not a callable WSGI application")
+    return typing.cast("WSGIApplication", obj)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(Config)
+    for field in dataclasses.fields(Config):
+        hint = hints[field.name]
+        flags = [f"--{field.name.replace('_', '-')}", *field.metadata.get("flags", ())]
+        kwargs: dict[str, Any] = {
+            "dest": field.name,
+            "default": argparse.SUPPRESS,
+            "help": f"{field.metadata['help']} (default: {field.default!r})",
+        }
+        optional = get_origin(hint) in (typing.Union, types.UnionType)
+        base = next((a for a in get_args(hint) if a is not type(None)), hint) if optional else hint
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif field.metadata.get("repeat"):
+            kwargs["action"] = "append"
+            kwargs["metavar"] = "ADDRESS"
+        elif get_origin(base) is typing.Literal:
+            kwargs["choices"] = list(get_args(base))
+        else:
+            kwargs["type"] = base
+            kwargs["metavar"] = {int: "INT", float: "SECONDS", str: "TEXT"}.get(base, "VALUE")
+        parser.add_argument(*flags, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser: a ``serve`` subcommand with one flag per Config field."""
+    parser = argparse.ArgumentParser(
+        prog="asyncwsgi", description="Serve a WSGI application over HTTP/1.1."
+    )
+    parser.add_argument("--version", action="version", version=f"asyncwsgi {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="serve a WSGI application",
+        description="Serve the WSGI application APP (module:attribute).",
+    )
+    serve.add_argument("app", metavar="APP", help="the application, as module:attribute")
+    serve.add_argument("--version", action="version", version=f"asyncwsgi {__version__}")
+    _add_config_flags(serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 after a graceful shutdown).
+
+    Errors the user can fix (a bad flag, a bad APP, an address in use) print one line to stderr
+    and return 1 (2 for a usage error).
+    """
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    args.pop("command")
+    app_spec = args.pop("app")
+    if "bind" in args:
+        args["bind"] = tuple(args["bind"])
+    try:
+        config = Config(**args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    try:
+        app = load_app(app_spec, app_dir=config.app_dir, factory=config.factory)
+    except AppLoadError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    from .server import run
+
+    try:
+        run(app, config=config)
+    except OSError as exc:
+        print(f"Error: could not listen: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0

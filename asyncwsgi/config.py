@@ -1,0 +1,231 @@
+"""Config: every tunable of the server, in one frozen dataclass.
+
+This is the single source of truth: ``asyncwsgi serve`` generates its flags from
+``dataclasses.fields(Config)`` (see :mod:`asyncwsgi.cli`), and ``serve(app, **options)`` passes its
+keyword arguments straight to ``Config``. Each field's ``metadata["help"]`` gives its unit and why
+its default is what it is; the same text is the flag's ``--help``. Field names follow gunicorn and
+uvicorn, so ``--limit-request-line`` and ``--timeout-keep-alive`` mean what they mean there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+__all__ = ["KiB", "MiB", "Config", "BindSpec", "parse_bind"]
+
+KiB = 1024
+MiB = 1024 * KiB
+
+LoopName = Literal["auto", "asyncio", "uvloop"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+
+
+def _opt(default: Any, help: str, *flags: str, **extra: Any) -> Any:
+    """Declare a Config field with its help text and extra CLI flag spellings."""
+    metadata: dict[str, Any] = {"help": help, "flags": flags, **extra}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple for sequence defaults")
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Server settings. Immutable: derive variants with ``dataclasses.replace``.
+
+    Raises:
+        ConfigError: on construction, when a value is out of range or malformed, so that a bad
+            flag is reported before anything binds.
+    """
+
+    # -- where to listen --------------------------------------------------------------------
+    host: str = _opt("127.0.0.1", "Bind to this host (used when no --bind/--uds/--fd is given).")
+    port: int = _opt(8000, "Bind to this TCP port; 0 picks a free one.")
+    bind: tuple[str, ...] = _opt(
+        (),
+        "Listen here; repeatable. HOST:PORT, [::1]:PORT, unix:PATH or fd://N (gunicorn's -b).",
+        "-b",
+        repeat=True,
+    )
+    uds: str | None = _opt(None, "Bind to this UNIX domain socket path.")
+    fd: int | None = _opt(None, "Serve on this already-bound listening socket file descriptor.")
+    backlog: int = _opt(2048, "Listen backlog: connections the kernel queues before accept().")
+
+    # -- the application --------------------------------------------------------------------
+    factory: bool = _opt(False, "Treat APP as a factory: call it with no arguments to get the app.")
+    app_dir: str = _opt(".", "Put this directory first on sys.path before importing APP.")
+    root_path: str = _opt(
+        "", "SCRIPT_NAME: the URL prefix the app is mounted under, stripped from PATH_INFO."
+    )
+
+    # -- concurrency ------------------------------------------------------------------------
+    threads: int = _opt(
+        32,
+        "Worker threads that run the application (the pool grows to this on demand). Idle and "
+        "slow connections hold no thread, so this bounds concurrent app calls only.",
+    )
+    loop: LoopName = _opt("auto", "Event loop: auto (uvloop when installed), asyncio or uvloop.")
+
+    # -- timeouts (seconds) ------------------------------------------------------------------
+    timeout_keep_alive: float = _opt(
+        5.0, "Seconds an idle keep-alive connection stays open (uvicorn's default)."
+    )
+    timeout_graceful_shutdown: float = _opt(
+        30.0,
+        "Seconds in-flight requests get to finish on SIGTERM/SIGINT before connections are cut.",
+        "--graceful-timeout",
+    )
+    timeout_write: float = _opt(
+        60.0,
+        "Seconds a response may wait for a client that stopped reading before the app's iteration "
+        "is stopped and the connection is closed.",
+    )
+
+    # -- limits (gunicorn's names) -----------------------------------------------------------
+    limit_request_line: int = _opt(
+        8190, "Maximum request-line size in bytes (414 above it); 0 means 64 KiB."
+    )
+    limit_request_fields: int = _opt(100, "Maximum number of header fields (431 above it).")
+    limit_request_field_size: int = _opt(
+        8190,
+        "Maximum size of one header field line in bytes (431 above it); 0 means 64 KiB.",
+        "--limit-request-field_size",
+    )
+    limit_request_head: int = _opt(
+        64 * KiB, "Maximum size of the whole request head in bytes (431 above it)."
+    )
+    limit_request_body: int = _opt(
+        0, "Maximum request body size in bytes (413 above it); 0 means unlimited."
+    )
+
+    # -- buffers (bytes) ----------------------------------------------------------------------
+    write_high_water: int = _opt(
+        256 * KiB,
+        "Bytes of unsent response per connection above which the app's iteration waits for the "
+        "client (bounds memory per slow reader).",
+    )
+    read_high_water: int = _opt(
+        256 * KiB,
+        "Bytes of request body buffered ahead of the app above which the server stops reading "
+        "the socket until the app catches up.",
+    )
+
+    # -- response headers and logging --------------------------------------------------------
+    server_header: bool = _opt(True, "Send a 'Server: asyncwsgi' header.")
+    date_header: bool = _opt(True, "Send a 'Date' header (RFC 9110 section 6.6.1).")
+    log_level: LogLevel = _opt("info", "Log level of the asyncwsgi.error logger.")
+    access_log: bool = _opt(True, "Log one line per response to the asyncwsgi.access logger.")
+    expose_tracebacks: bool = _opt(
+        False, "Put the traceback of an application error in the 500 body (development only)."
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0-65535, got {self.port}")
+        if self.threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {self.threads}")
+        if self.backlog < 1:
+            raise ConfigError(f"backlog must be at least 1, got {self.backlog}")
+        if self.loop not in ("auto", "asyncio", "uvloop"):
+            raise ConfigError(f"loop must be auto, asyncio or uvloop, got {self.loop!r}")
+        if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ConfigError(f"unknown log level {self.log_level!r}")
+        if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
+            raise ConfigError(f"root_path must start and not end with '/', got {self.root_path!r}")
+        for name in (
+            "timeout_keep_alive",
+            "timeout_graceful_shutdown",
+            "timeout_write",
+            "limit_request_line",
+            "limit_request_fields",
+            "limit_request_field_size",
+            "limit_request_head",
+            "limit_request_body",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
+        for name in ("write_high_water", "read_high_water"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 byte")
+        for spec in self.bind:
+            parse_bind(spec)
+
+    @property
+    def max_request_line(self) -> int:
+        """The effective request-line limit in bytes (0 in the flag means 64 KiB)."""
+        return self.limit_request_line or 64 * KiB
+
+    @property
+    def max_field_size(self) -> int:
+        """The effective header-field-line limit in bytes (0 in the flag means 64 KiB)."""
+        return self.limit_request_field_size or 64 * KiB
+
+    def listen_specs(self) -> list[BindSpec]:
+        """Return where to listen: ``bind``, ``uds`` and ``fd`` together, else ``host:port``."""
+        specs = [parse_bind(spec) for spec in self.bind]
+        if self.uds:
+            specs.append(BindSpec(kind="unix", path=self.uds))
+        if self.fd is not None:
+            specs.append(BindSpec(kind="fd", fd=self.fd))
+        if not specs:
+            specs.append(BindSpec(kind="tcp", host=self.host, port=self.port))
+        return specs
+
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        """Return the names ``serve(**options)`` accepts."""
+        return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+@dataclass(frozen=True, slots=True)
+class BindSpec:
+    """One place to listen: ``kind`` is ``tcp`` (host, port), ``unix`` (path) or ``fd`` (fd)."""
+
+    kind: Literal["tcp", "unix", "fd"]
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    fd: int = -1
+
+
+def parse_bind(spec: str) -> BindSpec:
+    """Parse a gunicorn-style bind address.
+
+    Args:
+        spec: ``HOST:PORT``, ``HOST`` (port 8000), ``[::1]:PORT``, ``unix:PATH`` or ``fd://N``.
+
+    Raises:
+        ConfigError: when the address cannot be parsed or the port is out of range.
+    """
+    if spec.startswith("unix:"):
+        path = spec[5:]
+        if not path:
+            raise ConfigError(f"empty UNIX socket path in bind {spec!r}")
+        return BindSpec(kind="unix", path=path)
+    if spec.startswith("fd://"):
+        try:
+            return BindSpec(kind="fd", fd=int(spec[5:]))
+        except ValueError:
+            raise ConfigError(f"bad file descriptor in bind {spec!r}") from None
+    host, port_text = spec, "8000"
+    if spec.startswith("["):
+        end = spec.find("]")
+        if end < 0:
+            raise ConfigError(f"unclosed '[' in bind {spec!r}")
+        host, rest = spec[1:end], spec[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"bad bind {spec!r}")
+            port_text = rest[1:]
+    elif ":" in spec:
+        host, _, port_text = spec.rpartition(":")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"bad port in bind {spec!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port out of range in bind {spec!r}")
+    return BindSpec(kind="tcp", host=host or "0.0.0.0", port=port)

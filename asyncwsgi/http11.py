@@ -1,0 +1,332 @@
+"""ServerConnection: the sans-IO HTTP/1.1 server side, over ``h11.Connection(h11.SERVER)``.
+
+Bytes go in through :meth:`ServerConnection.receive_data`, which returns h11 events (``Request``,
+``Data``, ``EndOfMessage``, ``ConnectionClosed``) plus :data:`PAUSED`; response parts go in through
+the ``send_*`` methods, which return bytes to write. There is no socket, thread or asyncio here,
+so every behaviour is testable by feeding bytes (see ``tests/test_http11.py``).
+
+h11 does all parsing and framing (RFC 9112). This module adds what a server needs on top:
+
+- strictness checks where h11 0.16 is lenient (:mod:`asyncwsgi.strict`), run on the raw request
+  head before h11 sees it, so that an application never gets an ambiguous request;
+- request limits with gunicorn's names (414, 431, 413);
+- ``Date`` and ``Server`` headers, and dropping body bytes of HEAD, 204 and 304 responses
+  (h11 frames those as ``Content-Length: 0`` and would raise on body data);
+- cutting a response body at its declared ``Content-Length`` (the excess is counted, not sent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+import h11
+
+from . import strict
+from .config import Config
+from .errors import RequestRejected
+
+__all__ = ["PAUSED", "ServerConnection", "ReceivedEvent", "reason_phrase"]
+
+#: Returned by :meth:`ServerConnection.receive_data` when h11 holds further pipelined data until
+#: the current response is complete (h11's ``PAUSED``): stop reading the socket.
+PAUSED: Final = h11.PAUSED
+
+ReceivedEvent = h11.Request | h11.Data | h11.EndOfMessage | h11.ConnectionClosed | type[h11.PAUSED]
+
+_NO_BODY_STATUS = frozenset({204, 304})
+
+_REASONS: dict[int, bytes] = {}
+
+
+def reason_phrase(status: int) -> bytes:
+    """Return the standard reason phrase for ``status`` (RFC 9110 section 15), or ``b""``."""
+    phrase = _REASONS.get(status)
+    if phrase is None:
+        from http import HTTPStatus
+
+        try:
+            phrase = HTTPStatus(status).phrase.encode("ascii")
+        except ValueError:
+            phrase = b""
+        _REASONS[status] = phrase
+    return phrase
+
+
+class ServerConnection:
+    """One HTTP/1.1 connection, server side, without I/O.
+
+    Loop thread only (it is not thread-safe; the channel that owns it runs on the event loop).
+
+    Args:
+        config: limits come from ``limit_request_*``.
+        server_header: the ``(b"server", b"asyncwsgi")`` pair to add to every response, or None.
+    """
+
+    __slots__ = (
+        "_conn",
+        "_config",
+        "_head_buffer",
+        "_awaiting_head",
+        "_server_header",
+        "_body_allowed",
+        "_bytes_left",
+        "_body_bytes",
+        "_max_body",
+        "_request_body_bytes",
+        "bytes_discarded",
+    )
+
+    def __init__(self, config: Config, server_header: tuple[bytes, bytes] | None) -> None:
+        self._config = config
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.limit_request_head)
+        self._head_buffer = b""
+        self._awaiting_head = True
+        self._server_header = server_header
+        self._body_allowed = True
+        self._bytes_left: int | None = None
+        self._body_bytes = 0
+        self._max_body = config.limit_request_body
+        self._request_body_bytes = 0
+        #: Response body bytes dropped because they went past the declared Content-Length.
+        self.bytes_discarded = 0
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[ReceivedEvent]:
+        """Feed bytes from the socket (``b""`` means EOF) and return the events now complete.
+
+        The list ends with :data:`PAUSED` when a complete request is followed by pipelined data
+        that must wait for the response.
+
+        Raises:
+            RequestRejected: the request is malformed or over a limit; answer with
+                :meth:`send_rejection` and close the connection. The application must not see it.
+        """
+        if self._awaiting_head and data:
+            self._check_head(data)
+        self._conn.receive_data(data)
+        return self.next_events()
+
+    def next_events(self) -> list[ReceivedEvent]:
+        """Return the events h11 can produce from data it already holds (after a new cycle).
+
+        Raises:
+            RequestRejected: as for :meth:`receive_data`.
+        """
+        events: list[ReceivedEvent] = []
+        conn = self._conn
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise RequestRejected(exc.error_status_hint, str(exc)) from None
+            if event is h11.NEED_DATA:
+                return events
+            if event is h11.PAUSED:
+                events.append(h11.PAUSED)
+                return events
+            if type(event) is h11.Data:
+                if self._max_body:
+                    self._request_body_bytes += len(event.data)
+                    if self._request_body_bytes > self._max_body:
+                        raise RequestRejected(413, "request body too large")
+            elif type(event) is h11.Request:
+                self._on_request(event)
+            elif type(event) is h11.EndOfMessage:
+                if event.headers:
+                    strict.check_trailers(event.headers)
+            events.append(event)  # type: ignore[arg-type]
+            if type(event) is h11.ConnectionClosed:
+                return events
+
+    def _check_head(self, data: bytes) -> None:
+        """Run the strictness checks on the raw head once it is complete (or over a limit)."""
+        buffered = self._head_buffer + data if self._head_buffer else data
+        end = buffered.find(b"\r\n\r\n")
+        if end < 0:
+            # Skip the empty lines RFC 9112 section 2.2 lets a server ignore before a request.
+            stripped = buffered.lstrip(b"\r\n")
+            if stripped and buffered.find(b"\n\n") >= 0:
+                raise RequestRejected(400, "bare LF line ending in request head")
+            strict.check_partial_head(stripped, self._config)
+            self._head_buffer = buffered
+            return
+        self._head_buffer = b""
+        self._awaiting_head = False
+        strict.check_head(buffered[: end + 2].lstrip(b"\r\n"), self._config)
+
+    def _on_request(self, request: h11.Request) -> None:
+        strict.check_request(request)
+        if self._max_body:
+            self._request_body_bytes = 0
+            length = _content_length(request.headers)
+            if length is not None and length > self._max_body:
+                raise RequestRejected(413, "request body too large")
+        self._body_allowed = request.method != b"HEAD"
+
+    @property
+    def they_are_waiting_for_100_continue(self) -> bool:
+        """Whether the client sent ``Expect: 100-continue`` and waits (RFC 9110 section 10.1.1)."""
+        return self._conn.they_are_waiting_for_100_continue
+
+    @property
+    def request_complete(self) -> bool:
+        """Whether the whole current request, body included, has been received."""
+        return self._conn.their_state is h11.DONE
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def send_continue(self) -> bytes:
+        """Return ``HTTP/1.1 100 Continue``; call when the app first reads the body."""
+        return self._conn.send(h11.InformationalResponse(status_code=100, headers=(), reason=b"Continue"))
+
+    def send_response(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        date_header: tuple[bytes, bytes] | None,
+        content_length: int | None = None,
+    ) -> bytes:
+        """Return the serialised response head.
+
+        Args:
+            status: the status code, 200..599 (1xx is not a final response).
+            reason: the reason phrase, latin-1 bytes.
+            headers: ``(name, value)`` pairs as latin-1 bytes, already validated.
+            date_header: the ``(b"date", ...)`` pair to add, or None.
+            content_length: when the whole body is known, its size in bytes: added as
+                ``Content-Length`` unless the headers carry one.
+
+        Raises:
+            h11.LocalProtocolError: when h11 rejects the head (a header it considers invalid).
+        """
+        if date_header is not None:
+            headers.append(date_header)
+        if self._server_header is not None:
+            headers.append(self._server_header)
+        self._body_bytes = 0
+        if status in _NO_BODY_STATUS or 100 <= status < 200:
+            self._body_allowed = False
+        declared = _content_length(headers)
+        if declared is None and content_length is not None and status not in _NO_BODY_STATUS:
+            headers.append((b"Content-Length", str(content_length).encode()))
+            declared = content_length
+        self._bytes_left = declared if self._body_allowed else 0
+        response = h11.Response(status_code=status, reason=reason, headers=headers)
+        data = self._conn.send(response)
+        assert data is not None
+        return data
+
+    def send_data(self, data: bytes) -> Sequence[bytes]:
+        """Return the wire pieces for one body chunk (no copy of ``data`` is made).
+
+        Bytes past the declared Content-Length, and every body byte of a HEAD, 204 or 304
+        response, are dropped and counted in :attr:`bytes_discarded`.
+        """
+        left = self._bytes_left
+        if left is not None:
+            if len(data) > left:
+                if self._body_allowed:
+                    self.bytes_discarded += len(data) - left
+                data = data[:left]
+            if not data:
+                return ()
+            self._bytes_left = left - len(data)
+        self._body_bytes += len(data)
+        return self._conn.send_with_data_passthrough(h11.Data(data=data))
+
+    def send_file_placeholder(self, count: int) -> Sequence[object]:
+        """Account for ``count`` bytes that go out by ``sendfile(2)`` (h11's passthrough hook).
+
+        Only valid when the response declared a Content-Length of at least ``count``; returns the
+        pieces to write around the file bytes (empty for Content-Length framing).
+        """
+
+        class _Placeholder:
+            def __len__(self) -> int:
+                return count
+
+        assert self._bytes_left is not None and count <= self._bytes_left
+        self._bytes_left -= count
+        self._body_bytes += count
+        pieces = self._conn.send_with_data_passthrough(h11.Data(data=_Placeholder()))  # type: ignore[arg-type]
+        return [piece for piece in pieces if not isinstance(piece, _Placeholder)]
+
+    def send_end(self) -> bytes | None:
+        """Return the bytes that end the response body, or None when the body fell short.
+
+        A body shorter than its declared Content-Length cannot be completed: the caller must
+        close the connection (the client sees a truncated response, as RFC 9112 section 6.3
+        requires, rather than a misframed one).
+        """
+        if self._bytes_left:
+            self._conn.send_failed()
+            return None
+        data = self._conn.send(h11.EndOfMessage())
+        assert data is not None
+        return data
+
+    @property
+    def bytes_left(self) -> int | None:
+        """Body bytes still due under the declared Content-Length, or None when not declared."""
+        return self._bytes_left
+
+    @property
+    def body_bytes_sent(self) -> int:
+        """Response body bytes sent so far in this cycle."""
+        return self._body_bytes
+
+    @property
+    def response_started(self) -> bool:
+        """Whether the response head of the current cycle has been serialised."""
+        return self._conn.our_state in (h11.SEND_BODY, h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+
+    @property
+    def keep_alive(self) -> bool:
+        """Whether the connection can carry another request after this response."""
+        return self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
+
+    def start_next_cycle(self) -> None:
+        """Reset for the next request on a keep-alive connection (h11's ``start_next_cycle``)."""
+        self._conn.start_next_cycle()
+        self._awaiting_head = True
+        self._head_buffer = b""
+        self._body_allowed = True
+
+    def send_rejection(self, status: int, reason: str) -> bytes:
+        """Return a complete ``Connection: close`` error response for a rejected request.
+
+        Returns ``b""`` when a response is already under way (then only closing is left).
+        """
+        body = f"{status} {reason_phrase(status).decode()}: {reason}\n".encode("ascii", "replace")
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        if self._server_header is not None:
+            headers.append(self._server_header)
+        if self._conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return b""
+        head = h11.Response(status_code=status, reason=reason_phrase(status), headers=headers)
+        # h11 checks its own state only; after a RemoteProtocolError it still lets us answer.
+        data = self._conn.send(head)
+        assert data is not None
+        return data + body
+
+    @property
+    def h11_connection(self) -> h11.Connection:
+        """The underlying h11 connection (for tests and introspection)."""
+        return self._conn
+
+
+def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length" or (len(name) == 14 and name.lower() == b"content-length"):
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

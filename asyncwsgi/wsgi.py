@@ -1,0 +1,275 @@
+"""The worker side of PEP 3333: call the application, check what it gives, hand the response on.
+
+:func:`run_wsgi` runs in a worker thread, once per request. It calls the application with the
+``environ`` and a ``start_response``, validates the status and headers (a bad one is a 500,
+never a split response), iterates the result and hands the head and body to a
+:class:`~asyncwsgi.bridge.ResponseSink`. The result's ``close()`` is called exactly once, in a
+``finally``, on every path. This module has no socket and no asyncio: ``tests/test_wsgi.py`` runs
+it with a fake sink in a plain thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import traceback
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .errors import ClientDisconnected
+from .filewrapper import FileWrapper
+
+if TYPE_CHECKING:
+    from ._types import ExcInfo, WSGIApplication, WSGIEnvironment
+    from .bridge import Head
+
+__all__ = ["run_wsgi", "Sink", "HOP_BY_HOP", "ResponseError"]
+
+logger = logging.getLogger("asyncwsgi.error")
+
+#: Hop-by-hop fields (RFC 9110 section 7.6.1); PEP 3333 forbids applications to send them.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+_STATUS_RE = re.compile(r"[1-9][0-9][0-9](?: [^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_VALUE_RE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*\Z")
+_NAME_CACHE: dict[str, bytes] = {}
+_SERVER_ERROR_BODY = b"Internal Server Error\n"
+
+
+class Sink(Protocol):
+    """What :func:`run_wsgi` hands the response to (see :class:`asyncwsgi.bridge.ResponseSink`)."""
+
+    can_sendfile: bool
+    disconnected: bool
+
+    def send(self, head: Head | None, chunks: list[bytes], nbytes: int, end: bool) -> None: ...
+
+    def send_file(self, head: Head, wrapper: FileWrapper, offset: int, count: int) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class ResponseError(Exception):
+    """The application broke PEP 3333: bad status or headers, no ``start_response``, str body."""
+
+
+def _encode_head(status: object, headers: object) -> Head:
+    """Validate ``start_response`` arguments and encode them to latin-1 bytes.
+
+    Raises:
+        ResponseError: status or headers are not native strings of the right form, contain
+            CR, LF or NUL (response splitting), or name a hop-by-hop field.
+    """
+    if type(status) is not str or not _STATUS_RE.match(status):
+        raise ResponseError(f"invalid status line {status!r}")
+    if type(headers) is not list:
+        raise ResponseError(f"headers must be a list, got {type(headers).__name__}")
+    encoded: list[tuple[bytes, bytes]] = []
+    append = encoded.append
+    for item in headers:
+        if type(item) is not tuple or len(item) != 2:
+            raise ResponseError(f"header must be a (name, value) tuple, got {item!r}")
+        name, value = item
+        raw_name = _NAME_CACHE.get(name)
+        if raw_name is None:
+            if type(name) is not str or not _TOKEN_RE.match(name):
+                raise ResponseError(f"invalid header name {name!r}")
+            if name.lower() in HOP_BY_HOP:
+                raise ResponseError(f"hop-by-hop header {name!r} is not allowed (PEP 3333)")
+            raw_name = name.encode("ascii")
+            if len(_NAME_CACHE) < 512:
+                _NAME_CACHE[name] = raw_name
+        if type(value) is not str or not _VALUE_RE.match(value):
+            raise ResponseError(f"invalid value for header {name!r}: {value!r}")
+        try:
+            append((raw_name, value.encode("latin-1")))
+        except UnicodeEncodeError:
+            raise ResponseError(f"header {name!r} value is not latin-1") from None
+    reason = status[4:].encode("latin-1", "replace")
+    return int(status[:3]), reason, encoded
+
+
+class _Response:
+    """``start_response`` and ``write`` for one request. Worker thread only."""
+
+    __slots__ = ("sink", "head", "head_sent")
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.head: Head | None = None
+        self.head_sent = False
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        """PEP 3333 ``start_response``: validate and store the head; return ``write``.
+
+        Raises:
+            ResponseError: a second call without ``exc_info``, or an invalid status or header.
+            BaseException: with ``exc_info`` once the head has been sent, that exception again.
+        """
+        if exc_info is not None:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])  # type: ignore[union-attr]
+            finally:
+                exc_info = None
+        elif self.head is not None:
+            raise ResponseError("start_response() called a second time without exc_info")
+        self.head = _encode_head(status, headers)
+        return self.write
+
+    def take_head(self) -> Head:
+        head = self.head
+        if head is None:
+            raise ResponseError("the application did not call start_response()")
+        self.head_sent = True
+        return head
+
+    def write(self, data: bytes) -> None:
+        """PEP 3333 ``write()``: send ``data`` now (after the head, on first use).
+
+        Raises:
+            TypeError: ``data`` is not bytes.
+            ClientDisconnected: the client has gone away.
+        """
+        if type(data) is not bytes:
+            if not isinstance(data, bytes):
+                raise TypeError(f"response body chunks must be bytes, got {type(data).__name__}")
+            data = bytes(data)
+        if not data:
+            return
+        if self.head_sent:
+            self.sink.send(None, [data], len(data), False)
+        else:
+            self.sink.send(self.take_head(), [data], len(data), False)
+
+
+def run_wsgi(app: WSGIApplication, environ: WSGIEnvironment, sink: Sink) -> None:
+    """Run one request through the application and hand its response to ``sink``.
+
+    Worker thread only. Never raises (except ``BaseException`` such as ``SystemExit`` after
+    handling it): an application error before the head was handed over becomes a 500 and a
+    logged traceback; after it, the connection is aborted. ``close()`` of the result runs in a
+    ``finally`` (PEP 3333 "Specification Details").
+
+    Args:
+        app: the WSGI application.
+        environ: the request's environ (see :func:`asyncwsgi.environ.build_environ`).
+        sink: where the response goes.
+    """
+    response = _Response(sink)
+    result: Iterable[bytes] | None = None
+    try:
+        result = app(environ, response.start_response)
+        if type(result) is list or type(result) is tuple:
+            _send_sequence(response, result)
+        elif type(result) is FileWrapper and sink.can_sendfile:
+            if _send_file(response, result):
+                result = None  # the loop owns the file now and has it closed in a worker
+        else:
+            _send_iterable(response, result)
+    except ClientDisconnected:
+        logger.debug("client disconnected during %s", _path(environ))
+    except Exception:
+        _fail(response, environ, sys.exc_info())
+    except BaseException:
+        _fail(response, environ, sys.exc_info())
+        raise
+    finally:
+        if result is not None:
+            close = getattr(result, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    logger.exception("Error closing the response of %s", _path(environ))
+
+
+def _send_sequence(response: _Response, result: list[bytes] | tuple[bytes, ...]) -> None:
+    """Send a body that is all in memory in one hand-off, with a computed Content-Length."""
+    chunks: list[bytes] = []
+    nbytes = 0
+    for chunk in result:
+        if type(chunk) is not bytes:
+            if not isinstance(chunk, bytes):
+                raise TypeError(f"response body chunks must be bytes, got {type(chunk).__name__}")
+            chunk = bytes(chunk)
+        if chunk:
+            chunks.append(chunk)
+            nbytes += len(chunk)
+    if response.head_sent:
+        response.sink.send(None, chunks, nbytes, True)
+    else:
+        response.sink.send(response.take_head(), chunks, nbytes, True)
+
+
+def _send_iterable(response: _Response, result: Iterable[bytes]) -> None:
+    """Send each chunk as the app yields it: a block is never held back (PEP 3333 "Buffering")."""
+    write = response.write
+    for chunk in result:
+        write(chunk)
+    if response.head_sent:
+        response.sink.send(None, [], 0, True)
+    else:
+        response.sink.send(response.take_head(), [], 0, True)
+
+
+def _send_file(response: _Response, wrapper: FileWrapper) -> bool:
+    """Hand a file body to the loop for sendfile(2); False when it must be iterated instead."""
+    if response.head_sent:
+        return False
+    file_range = wrapper.sendfile_range()
+    if file_range is None:
+        return False
+    _, offset, count = file_range
+    head = response.take_head()
+    response.sink.send_file(head, wrapper, offset, count)
+    return True
+
+
+def _fail(response: _Response, environ: WSGIEnvironment, exc_info: ExcInfo) -> None:
+    """Answer 500 if the head has not gone out, else abort the connection; log once."""
+    logger.error("Error handling request %s", _path(environ), exc_info=exc_info)
+    sink = response.sink
+    if response.head_sent:
+        sink.abort()
+        return
+    if sink.disconnected:
+        return
+    body = _SERVER_ERROR_BODY
+    if environ.get("asyncwsgi.expose_tracebacks"):
+        body += "".join(traceback.format_exception(*exc_info)).encode("utf-8", "replace")
+    head: Head = (
+        500,
+        b"Internal Server Error",
+        [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")],
+    )
+    response.head_sent = True
+    try:
+        sink.send(head, [body], len(body), True)
+    except ClientDisconnected:
+        pass
+
+
+def _path(environ: WSGIEnvironment) -> str:
+    """Return ``METHOD /path`` with control characters escaped, for log lines."""
+    from .logs import escape
+
+    method: Any = environ.get("REQUEST_METHOD", "-")
+    path: Any = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    return escape(f"{method} {path}")
