@@ -12,14 +12,17 @@ fast but wrong is caught by the wrk check script instead of winning.
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
-from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+from typing import TYPE_CHECKING, Any, ClassVar
 from wsgiref.util import FileWrapper, setup_testing_defaults
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 __all__ = [
     "APP_NAMES",
@@ -159,14 +162,19 @@ def sleep(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[b
     return hello(environ, start_response)
 
 
+# Flask and Django are imported by name at build time: this module must import (and type-check)
+# where neither is installed.
+
+
 def _build_flask() -> WSGIApplication:
-    from flask import Flask, jsonify
+    flask = importlib.import_module("flask")
+    jsonify = flask.jsonify
+    app = flask.Flask("asyncwsgi_bench")
 
-    app = Flask("asyncwsgi_bench")
-
-    @app.get("/")
     def index() -> Any:
         return jsonify(message="Hello, world!", server="benchmark", items=[1, 2, 3])
+
+    app.add_url_rule("/", view_func=index, methods=["GET"])
 
     wsgi_app: WSGIApplication = app
     return wsgi_app
@@ -175,18 +183,17 @@ def _build_flask() -> WSGIApplication:
 class _DjangoURLConf:
     """Stands in for a ``urls.py`` module: Django reads ``urlpatterns`` from ROOT_URLCONF."""
 
-    urlpatterns: list[Any] = []
+    urlpatterns: ClassVar[list[Any]] = []
 
 
 def _build_django() -> WSGIApplication:
-    import django
-    from django.conf import settings
-    from django.core.handlers.wsgi import WSGIHandler
-    from django.http import HttpRequest, HttpResponse
-    from django.urls import path
+    django = importlib.import_module("django")
+    settings = importlib.import_module("django.conf").settings
+    http = importlib.import_module("django.http")
+    path = importlib.import_module("django.urls").path
 
-    def index(request: HttpRequest) -> HttpResponse:
-        return HttpResponse(HELLO, content_type="text/plain")
+    def index(request: Any) -> Any:
+        return http.HttpResponse(HELLO, content_type="text/plain")
 
     if not settings.configured:
         _DjangoURLConf.urlpatterns = [path("", index)]
@@ -204,7 +211,7 @@ def _build_django() -> WSGIApplication:
             LOGGING_CONFIG=None,
         )
         django.setup()
-    handler: WSGIApplication = WSGIHandler()
+    handler: WSGIApplication = importlib.import_module("django.core.handlers.wsgi").WSGIHandler()
     return handler
 
 

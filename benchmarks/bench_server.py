@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import http.client
+import importlib
 import json
 import os
 import platform
@@ -581,10 +582,8 @@ class RunningServer:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                pass
         # Kill leftovers of the group too (workers whose master is already gone).
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -1070,8 +1069,22 @@ def summarise(server: str, runs: list[RunResult]) -> Summary:
     ok = [r for r in runs if r.ok]
     failures = [r.error or "failed" for r in runs if not r.ok]
     if not ok:
-        return Summary(server, 0, failures[0] if failures else "not run", *([0.0] * 6), 0,
-                       0.0, 0.0, 0.0, {})  # fmt: skip
+        return Summary(
+            server=server,
+            ok_runs=0,
+            failed=failures[0] if failures else "not run",
+            rps=0.0,
+            rps_min=0.0,
+            rps_max=0.0,
+            p50_ms=0.0,
+            p99_ms=0.0,
+            p999_ms=0.0,
+            errors=0,
+            rss_mib=0.0,
+            cpu_ms_per_req=0.0,
+            threads=0.0,
+            extra={},
+        )
 
     def med(values: list[float]) -> float:
         return float(statistics.median(values))
@@ -1223,9 +1236,9 @@ class Report:
             "",
             "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(self.versions.items())) + ".",
             "",
-            "req/s is the median of the rounds (min-max beside it); latencies, RSS (summed over the",
-            "server's process tree) and CPU ms per request are medians too; errors are summed over",
-            "the rounds (socket errors + wrong status + wrong body length).",
+            "req/s is the median of the rounds (min-max beside it); latencies, RSS (summed over",
+            "the server's process tree) and CPU ms per request are medians too; errors are summed",
+            "over the rounds (socket errors + wrong status + wrong body length).",
             "",
         ]
         lines += self.markdown_overview()
@@ -1235,7 +1248,9 @@ class Report:
 
     def best_peer(self, rows: list[Summary]) -> Summary | None:
         peers = [
-            s for s in rows if s.ok_runs and s.server != "asyncwsgi" and not SERVERS[s.server].reference
+            s
+            for s in rows
+            if s.ok_runs and s.server != "asyncwsgi" and not SERVERS[s.server].reference
         ]
         return max(peers, key=lambda s: s.rps) if peers else None
 
@@ -1293,9 +1308,9 @@ class Report:
         o = self.opts
         if o.defaults:
             parts = [
-                f"{name} {SERVERS[name].default_threads / SLEEP_APP_S:.0f}"
+                f"{name} {threads / SLEEP_APP_S:.0f}"
                 for name in o.servers
-                if SERVERS[name].default_threads
+                if (threads := SERVERS[name].default_threads)
             ]
             text = "Theoretical bound (default threads / 0.05 s), req/s: " + ", ".join(parts)
         else:
@@ -1317,7 +1332,9 @@ class Report:
             f"| vs {base_name} (with) | p99 ms (with) | errors "
         )
         if idle:
-            head += "| RSS MiB without | RSS MiB with | KiB per conn | threads without | threads with |"
+            head += (
+                "| RSS MiB without | RSS MiB with | KiB per conn | threads without | threads with |"
+            )
             sep = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         else:
             head += "| reconnects | threads with |"
@@ -1385,10 +1402,9 @@ class Report:
 
     def charts(self) -> list[Path]:
         try:
-            import matplotlib
-
+            matplotlib = importlib.import_module("matplotlib")
             matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            plt = importlib.import_module("matplotlib.pyplot")
         except ImportError:
             log("matplotlib is not installed: no charts")
             return []
@@ -1403,10 +1419,7 @@ class Report:
             values = [s.rps for s in rows]
             low = [s.rps - s.rps_min for s in rows]
             high = [s.rps_max - s.rps for s in rows]
-            colors = [
-                "tab:red" if n == "asyncwsgi" else "tab:gray" if SERVERS[n].reference else "tab:blue"
-                for n in names
-            ]
+            colors = [bar_color(name) for name in names]
             fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.4))
             ax.barh(names, values, xerr=[low, high], color=colors, capsize=3)
             ax.invert_yaxis()
@@ -1422,6 +1435,12 @@ class Report:
             plt.close(fig)
             written.append(path)
         return written
+
+
+def bar_color(server: str) -> str:
+    if server == "asyncwsgi":
+        return "tab:red"
+    return "tab:gray" if SERVERS[server].reference else "tab:blue"
 
 
 def md_escape(text: str | None) -> str:

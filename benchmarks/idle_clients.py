@@ -92,6 +92,16 @@ class Clients:
         self.timeout_s = timeout_s
         self.counters = Counters()
         self.stop = asyncio.Event()
+        #: Set once every idle connection has been answered or has failed.
+        self.settled = asyncio.Event()
+        #: Set once every slow client has connected once.
+        self.all_connected = asyncio.Event()
+        self.expected = 0
+
+    def _check_settled(self) -> None:
+        counters = self.counters
+        if counters.answered + counters.failed >= self.expected:
+            self.settled.set()
 
     async def idle_one(self, connect_limit: asyncio.Semaphore) -> None:
         counters = self.counters
@@ -105,8 +115,10 @@ class Clients:
                     await read_response(reader)
             except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError):
                 counters.failed += 1
+                self._check_settled()
                 return
         counters.answered += 1
+        self._check_settled()
         counters.open_now += 1
         stop_task = asyncio.create_task(self.stop.wait())
         read_task = asyncio.create_task(reader.read(1))
@@ -127,8 +139,9 @@ class Clients:
             if not first:
                 counters.reconnects += 1
             try:
-                async with asyncio.timeout(self.timeout_s):
-                    reader, writer = await asyncio.open_connection(self.host, self.port)
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.host, self.port), self.timeout_s
+                )
             except (OSError, TimeoutError):
                 counters.failed += 1
                 await asyncio.sleep(1.0)
@@ -136,6 +149,8 @@ class Clients:
             if first:
                 counters.connected += 1
                 first = False
+                if counters.connected >= self.expected:
+                    self.all_connected.set()
             counters.open_now += 1
             try:
                 await self._drip(reader, writer)
@@ -184,6 +199,7 @@ async def wait_for_stdin_line() -> None:
 async def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
     clients = Clients(args.host, args.port, args.timeout)
+    clients.expected = args.count
     tasks: list[asyncio.Task[None]] = []
     try:
         async with asyncio.timeout(args.max_seconds):
@@ -191,11 +207,11 @@ async def run(args: argparse.Namespace) -> None:
                 limit = asyncio.Semaphore(args.concurrency)
                 tasks = [asyncio.create_task(clients.idle_one(limit)) for _ in range(args.count)]
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(_until_settled(clients, args.count), args.connect_phase)
+                    await asyncio.wait_for(clients.settled.wait(), args.connect_phase)
             else:
                 tasks = [asyncio.create_task(clients.slow_one()) for _ in range(args.count)]
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(_until_connected(clients, args.count), args.connect_phase)
+                    await asyncio.wait_for(clients.all_connected.wait(), args.connect_phase)
                 # Let every client send a few bytes before measuring.
                 await asyncio.sleep(2.0)
             report("READY", clients.counters, started)
@@ -207,17 +223,6 @@ async def run(args: argparse.Namespace) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _until_settled(clients: Clients, count: int) -> None:
-    counters = clients.counters
-    while counters.answered + counters.failed < count:
-        await asyncio.sleep(0.05)
-
-
-async def _until_connected(clients: Clients, count: int) -> None:
-    while clients.counters.connected < count:
-        await asyncio.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> None:

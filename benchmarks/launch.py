@@ -14,12 +14,15 @@ count, listen backlog, keep-alive timeout) the benchmark otherwise gives every s
 from __future__ import annotations
 
 import argparse
+import importlib
 import pkgutil
 import socketserver
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
-from wsgiref.types import WSGIApplication
+
+if TYPE_CHECKING:
+    from wsgiref.types import WSGIApplication
 
 TUNED_BACKLOG = 2048
 TUNED_KEEP_ALIVE_S = 60
@@ -32,8 +35,7 @@ def load_app(spec: str) -> WSGIApplication:
 
 
 def run_cheroot(app: WSGIApplication, args: argparse.Namespace) -> None:
-    from cheroot import wsgi
-
+    wsgi = importlib.import_module("cheroot.wsgi")
     options: dict[str, Any] = {}
     if not args.defaults:
         options = {
@@ -66,15 +68,15 @@ def run_wsgiref(app: WSGIApplication, args: argparse.Namespace) -> None:
 
 
 def run_uvicorn(app: WSGIApplication, args: argparse.Namespace) -> None:
-    import uvicorn
-    from uvicorn.middleware.wsgi import WSGIMiddleware
-
+    uvicorn = importlib.import_module("uvicorn")
+    # uvicorn's own adapter; uvicorn makes it a2wsgi's when a2wsgi is installed.
+    wsgi_middleware = importlib.import_module("uvicorn.middleware.wsgi").WSGIMiddleware
     options: dict[str, Any] = {}
     if not args.defaults:
         options = {"backlog": TUNED_BACKLOG, "timeout_keep_alive": TUNED_KEEP_ALIVE_S}
     workers = 10 if args.defaults else args.threads
     uvicorn.run(
-        WSGIMiddleware(app, workers=workers),
+        wsgi_middleware(app, workers=workers),
         host=args.host,
         port=args.port,
         interface="asgi3",
