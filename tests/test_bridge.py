@@ -1,0 +1,596 @@
+"""Unit tests of the thread seam, :class:`ResponseSink` and :class:`RequestBody`.
+
+The event loop is a fake whose ``call_soon_threadsafe`` queues callbacks; the test thread plays
+the loop and runs them. Worker threads are plain threads. Every hand-over between the two sides
+is synchronised with events: the sink's and the body's own wait primitives are replaced by
+subclasses that announce each wait before it starts, so a test knows a worker is blocked without
+sleeping.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from asyncwsgi.bridge import EMPTY_BODY, Head, RequestBody, ResponseSink
+from asyncwsgi.errors import ClientDisconnected
+from asyncwsgi.filewrapper import FileWrapper
+
+TIMEOUT = 10.0
+HEAD: Head = (200, b"OK", [(b"Content-Type", b"text/plain")])
+
+
+class FakeLoop:
+    """Queues what worker threads ask of the loop; the test thread runs it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self.threads: set[int] = set()
+
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
+        with self._cond:
+            self.threads.add(threading.get_ident())
+            self._pending.append((callback, args))
+            self._cond.notify_all()
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def wait_pending(self, count: int = 1) -> None:
+        """Wait until at least ``count`` callbacks are queued."""
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self._pending) >= count, TIMEOUT)
+
+    def run_pending(self) -> int:
+        """Run the queued callbacks in this thread; return how many ran."""
+        ran = 0
+        while True:
+            with self._cond:
+                if not self._pending:
+                    return ran
+                callback, args = self._pending.popleft()
+            callback(*args)
+            ran += 1
+
+    def wake(self) -> None:
+        """Wake :meth:`run_until` without a callback (a worker has finished)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def run_until(self, stop: Callable[[], bool]) -> None:
+        """Run callbacks as they come, in this thread, until ``stop()`` is true."""
+        while not stop():
+            with self._cond:
+                assert self._cond.wait_for(lambda: bool(self._pending) or stop(), TIMEOUT)
+            self.run_pending()
+        self.run_pending()
+
+
+class SpyEvent(threading.Event):
+    """A :class:`threading.Event` that announces each ``wait()`` before blocking."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Semaphore(0)
+        self.waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        self.entered.release()
+        return super().wait(timeout)
+
+    def wait_entered(self) -> None:
+        assert self.entered.acquire(timeout=TIMEOUT), "the worker never waited"
+
+
+class SpyCondition(threading.Condition):
+    """A :class:`threading.Condition` that announces each ``wait()`` before blocking."""
+
+    def __init__(self) -> None:
+        super().__init__(threading.Lock())
+        self.entered = threading.Semaphore(0)
+        self.waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        self.entered.release()
+        return super().wait(timeout)
+
+    def wait_entered(self) -> None:
+        assert self.entered.acquire(timeout=TIMEOUT), "the reader never waited"
+
+
+class Worker:
+    """Run ``fn`` in a plain thread and keep its result or exception."""
+
+    def __init__(self, fn: Callable[[], Any], on_done: Callable[[], None] | None = None) -> None:
+        self.fn = fn
+        self.on_done = on_done
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="test-worker")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+            if self.on_done is not None:
+                self.on_done()
+
+    def join(self) -> Any:
+        self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive(), "the worker is still blocked"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class Target:
+    """The connection side of both objects: records what the loop is asked to do."""
+
+    def __init__(self) -> None:
+        self.data: list[tuple[ResponseSink, Head | None, list[bytes], bool]] = []
+        self.files: list[tuple[ResponseSink, Head, FileWrapper, int, int]] = []
+        self.aborts: list[ResponseSink] = []
+        self.continues = 0
+        self.resumes = 0
+        self.threads: set[int] = set()
+
+    def on_response_data(
+        self, sink: ResponseSink, head: Head | None, chunks: list[bytes], end: bool
+    ) -> None:
+        self.threads.add(threading.get_ident())
+        self.data.append((sink, head, chunks, end))
+
+    def on_response_file(
+        self, sink: ResponseSink, head: Head, wrapper: FileWrapper, offset: int, count: int
+    ) -> None:
+        self.threads.add(threading.get_ident())
+        self.files.append((sink, head, wrapper, offset, count))
+
+    def on_response_abort(self, sink: ResponseSink) -> None:
+        self.threads.add(threading.get_ident())
+        self.aborts.append(sink)
+
+    def send_continue(self) -> None:
+        self.threads.add(threading.get_ident())
+        self.continues += 1
+
+    def resume_body(self) -> None:
+        self.threads.add(threading.get_ident())
+        self.resumes += 1
+
+
+def make_sink(
+    loop: FakeLoop, target: Target, high_water: int = 100, timeout: float = TIMEOUT
+) -> tuple[ResponseSink, SpyEvent]:
+    sink = ResponseSink(loop.call_soon_threadsafe, target, high_water, timeout, True)
+    spy = SpyEvent()
+    sink._ready = spy  # see each wait of the worker
+    return sink, spy
+
+
+def make_body(
+    loop: FakeLoop,
+    target: Target,
+    high_water: int = 1000,
+    expect_continue: bool = False,
+    timeout: float = TIMEOUT,
+) -> tuple[RequestBody, SpyCondition]:
+    body = RequestBody(loop.call_soon_threadsafe, target, high_water, expect_continue, timeout)
+    spy = SpyCondition()
+    body._cond = spy  # see each wait of the reader
+    return body, spy
+
+
+@pytest.fixture
+def loop() -> FakeLoop:
+    return FakeLoop()
+
+
+@pytest.fixture
+def target() -> Target:
+    return Target()
+
+
+# -- ResponseSink -----------------------------------------------------------------------------
+
+
+def test_send_below_high_water_does_not_wait(loop: FakeLoop, target: Target) -> None:
+    sink, spy = make_sink(loop, target, high_water=100)
+    assert not sink.head_sent
+    sink.send(HEAD, [b"x" * 60], 60, False)
+    assert sink.head_sent
+    sink.send(None, [b"y" * 40], 40, False)  # exactly at the mark: still no wait
+    assert spy.waits == 0
+    assert sink.handed == 100
+    assert loop.run_pending() == 2
+    assert [(s, head, chunks, end) for s, head, chunks, end in target.data] == [
+        (sink, HEAD, [b"x" * 60], False),
+        (sink, None, [b"y" * 40], False),
+    ]
+
+
+def test_callbacks_run_on_the_loop_thread(loop: FakeLoop, target: Target) -> None:
+    sink, _ = make_sink(loop, target)
+    worker = Worker(lambda: sink.send(HEAD, [b"abc"], 3, True))
+    worker.join()
+    assert loop.threads == {worker.thread.ident}
+    loop.run_pending()
+    assert target.threads == {threading.get_ident()}
+    assert target.data == [(sink, HEAD, [b"abc"], True)]
+
+
+def test_send_above_high_water_waits_until_written(loop: FakeLoop, target: Target) -> None:
+    sink, spy = make_sink(loop, target, high_water=100)
+    worker = Worker(lambda: sink.send(HEAD, [b"x" * 300], 300, False))
+    spy.wait_entered()
+    assert not worker.done.is_set()
+    assert loop.run_pending() == 1  # the chunk was handed over before the wait
+    assert target.data[0][2] == [b"x" * 300]
+
+    sink.written(100)  # 200 still unsent, above the mark: the worker waits again
+    spy.wait_entered()
+    assert not worker.done.is_set()
+    sink.written(100)  # 100 unsent: at the mark, the worker goes on
+    worker.join()
+    assert sink.done == 200
+    assert spy.waits == 2
+
+
+def test_paused_transport_blocks_until_resume(loop: FakeLoop, target: Target) -> None:
+    sink, spy = make_sink(loop, target, high_water=100)
+    sink.pause()
+    worker = Worker(lambda: sink.send(HEAD, [b"small"], 5, False))
+    spy.wait_entered()
+    loop.run_pending()
+    sink.written(5)  # written, but the transport is still over its own mark
+    assert not spy.is_set()
+    assert not worker.done.is_set()
+    sink.resume()
+    worker.join()
+    assert not sink.paused
+
+
+def test_send_with_end_never_waits(loop: FakeLoop, target: Target) -> None:
+    sink, spy = make_sink(loop, target, high_water=10)
+    sink.pause()
+    sink.send(HEAD, [b"x" * 1000], 1000, True)
+    assert spy.waits == 0
+    loop.run_pending()
+    assert target.data == [(sink, HEAD, [b"x" * 1000], True)]
+
+
+def test_send_after_disconnect_raises(loop: FakeLoop, target: Target) -> None:
+    sink, _ = make_sink(loop, target)
+    sink.disconnect()
+    with pytest.raises(ClientDisconnected):
+        sink.send(HEAD, [b"x"], 1, False)
+    with pytest.raises(ClientDisconnected):
+        sink.send(HEAD, [b"x"], 1, True)
+    with pytest.raises(ClientDisconnected):
+        sink.send_file(HEAD, FileWrapper(None), 0, 10)
+    assert loop.pending == 0
+    assert not sink.head_sent
+
+
+def test_disconnect_wakes_a_blocked_worker(loop: FakeLoop, target: Target) -> None:
+    sink, spy = make_sink(loop, target, high_water=10)
+    worker = Worker(lambda: sink.send(HEAD, [b"x" * 100], 100, False))
+    spy.wait_entered()
+    sink.disconnect()
+    with pytest.raises(ClientDisconnected):
+        worker.join()
+
+
+def test_disconnect_wakes_a_worker_blocked_by_pause(loop: FakeLoop, target: Target) -> None:
+    sink, spy = make_sink(loop, target, high_water=10)
+    sink.pause()
+    worker = Worker(lambda: sink.send(HEAD, [b"x"], 1, False))
+    spy.wait_entered()
+    sink.disconnect()
+    with pytest.raises(ClientDisconnected):
+        worker.join()
+
+
+def test_send_gives_up_after_the_timeout(loop: FakeLoop, target: Target) -> None:
+    sink, spy = make_sink(loop, target, high_water=10, timeout=0.01)
+    with pytest.raises(ClientDisconnected, match="read nothing"):
+        sink.send(HEAD, [b"x" * 100], 100, False)
+    assert spy.waits == 1
+
+
+def test_send_file_hands_over_without_waiting(loop: FakeLoop, target: Target) -> None:
+    sink, spy = make_sink(loop, target, high_water=10)
+    wrapper = FileWrapper(None)
+    sink.send_file(HEAD, wrapper, 7, 1_000_000)
+    assert sink.head_sent
+    assert spy.waits == 0
+    loop.run_pending()
+    assert target.files == [(sink, HEAD, wrapper, 7, 1_000_000)]
+
+
+def test_abort_asks_the_loop(loop: FakeLoop, target: Target) -> None:
+    sink, _ = make_sink(loop, target)
+    sink.abort()
+    loop.run_pending()
+    assert target.aborts == [sink]
+
+
+def test_many_chunks_through_a_small_window(loop: FakeLoop, target: Target) -> None:
+    """Worker and loop race on every chunk; no wake-up may be lost (the timeout would fire)."""
+    sink = ResponseSink(loop.call_soon_threadsafe, target, 128, TIMEOUT, False)
+    count = 2000
+    done = threading.Event()
+    received: list[bytes] = []
+
+    def on_data(s: ResponseSink, head: Head | None, chunks: list[bytes], end: bool) -> None:
+        received.extend(chunks)
+        s.written(sum(map(len, chunks)))
+        if end:
+            done.set()
+
+    target.on_response_data = on_data  # type: ignore[method-assign]
+
+    def produce() -> None:
+        sink.send(HEAD, [b"%063d" % 0], 63, False)
+        for i in range(1, count):
+            sink.send(None, [b"%063d" % i], 63, False)
+        sink.send(None, [], 0, True)
+
+    worker = Worker(produce, on_done=loop.wake)
+    loop.run_until(lambda: done.is_set() or worker.done.is_set())
+    worker.join()
+    assert len(received) == count
+    assert received[-1] == b"%063d" % (count - 1)
+    assert sink.handed == sink.done == 63 * count
+
+
+# -- RequestBody ------------------------------------------------------------------------------
+
+
+def test_read_everything(loop: FakeLoop, target: Target) -> None:
+    body, spy = make_body(loop, target)
+    assert body.feed(b"hello ") is False
+    body.feed(b"world")
+    body.feed_eof()
+    assert body.read() == b"hello world"
+    assert body.read() == b""
+    assert body.read(10) == b""
+    assert spy.waits == 0
+
+
+def test_read_none_reads_everything(loop: FakeLoop, target: Target) -> None:
+    body, _ = make_body(loop, target)
+    body.feed(b"abc")
+    body.feed_eof()
+    assert body.read(None) == b"abc"
+
+
+def test_read_n_returns_once_n_bytes_are_there(loop: FakeLoop, target: Target) -> None:
+    body, spy = make_body(loop, target)
+    body.feed(b"abcdef")
+    assert body.read(3) == b"abc"  # no end of body yet: must not wait for it
+    assert body.read(0) == b""
+    assert body.read(3) == b"def"
+    assert spy.waits == 0
+    body.feed(b"gh")
+    body.feed_eof()
+    assert body.read(10) == b"gh"
+    assert body.read(1) == b""
+
+
+def test_readline(loop: FakeLoop, target: Target) -> None:
+    body, spy = make_body(loop, target)
+    body.feed(b"line one\nline two\nrest")
+    assert body.readline() == b"line one\n"  # a full line is there: no wait
+    assert body.readline() == b"line two\n"
+    assert spy.waits == 0
+    body.feed_eof()
+    assert body.readline() == b"rest"
+    assert body.readline() == b""
+
+
+def test_readline_with_size(loop: FakeLoop, target: Target) -> None:
+    body, spy = make_body(loop, target)
+    body.feed(b"abcdef\ngh\n")
+    assert body.readline(4) == b"abcd"
+    assert body.readline(4) == b"ef\n"
+    assert body.readline(1) == b"g"
+    assert body.readline(-1) == b"h\n"
+    assert spy.waits == 0  # every line or size was there: no wait for the end of the body
+
+
+def test_readline_with_size_at_the_end(loop: FakeLoop, target: Target) -> None:
+    body, _ = make_body(loop, target)
+    body.feed(b"abcdef\ngh\n")
+    body.feed_eof()
+    assert body.readline(4) == b"abcd"
+    assert body.readline(4) == b"ef\n"
+    assert body.readline(1) == b"g"
+    assert body.readline(None) == b"h\n"
+    assert body.readline(5) == b""
+
+
+def test_readlines(loop: FakeLoop, target: Target) -> None:
+    body, _ = make_body(loop, target)
+    body.feed(b"a\nbb\nccc\nlast")
+    body.feed_eof()
+    assert body.readlines() == [b"a\n", b"bb\n", b"ccc\n", b"last"]
+    assert body.readlines() == []
+
+
+def test_readlines_with_hint(loop: FakeLoop, target: Target) -> None:
+    body, _ = make_body(loop, target)
+    body.feed(b"a\nbb\nccc\nlast")
+    body.feed_eof()
+    assert body.readlines(3) == [b"a\n", b"bb\n"]  # stops once 3 bytes have been read
+    assert body.readlines(0) == [b"ccc\n", b"last"]
+
+
+def test_iteration_gives_lines(loop: FakeLoop, target: Target) -> None:
+    body, _ = make_body(loop, target)
+    body.feed(b"one\ntwo\nthree")
+    body.feed_eof()
+    assert list(body) == [b"one\n", b"two\n", b"three"]
+    assert list(body) == []
+
+
+def test_blocking_read_is_woken_by_feed(loop: FakeLoop, target: Target) -> None:
+    body, spy = make_body(loop, target)
+    worker = Worker(lambda: body.read(5))
+    spy.wait_entered()
+    body.feed(b"ab")  # not enough: the reader waits again
+    spy.wait_entered()
+    assert not worker.done.is_set()
+    body.feed(b"cdefg")
+    assert worker.join() == b"abcde"
+    assert body.read(2) == b"fg"
+
+
+def test_blocking_read_all_is_woken_by_feed_eof(loop: FakeLoop, target: Target) -> None:
+    body, spy = make_body(loop, target)
+    worker = Worker(body.read)
+    spy.wait_entered()
+    body.feed(b"partial ")
+    spy.wait_entered()
+    body.feed(b"body")
+    spy.wait_entered()
+    assert not worker.done.is_set()
+    body.feed_eof()
+    assert worker.join() == b"partial body"
+
+
+def test_blocking_readline_is_woken_by_a_newline(loop: FakeLoop, target: Target) -> None:
+    body, spy = make_body(loop, target)
+    worker = Worker(body.readline)
+    spy.wait_entered()
+    body.feed(b"no newline yet")
+    spy.wait_entered()
+    body.feed(b", now\nnext")
+    assert worker.join() == b"no newline yet, now\n"
+
+
+def test_100_continue_is_requested_once_on_the_first_read(loop: FakeLoop, target: Target) -> None:
+    body, spy = make_body(loop, target, expect_continue=True)
+    assert loop.pending == 0  # nothing before the app reads
+    worker = Worker(lambda: body.read(6))
+    spy.wait_entered()
+    assert loop.run_pending() == 1
+    assert target.continues == 1
+    assert target.threads == {threading.get_ident()}
+    body.feed(b"abc")
+    spy.wait_entered()
+    assert loop.pending == 0  # asked once only
+    body.feed(b"def")
+    assert worker.join() == b"abcdef"
+    second = Worker(body.read)
+    spy.wait_entered()
+    body.feed_eof()
+    assert second.join() == b""
+    loop.run_pending()
+    assert target.continues == 1
+
+
+def test_no_100_continue_without_expect(loop: FakeLoop, target: Target) -> None:
+    body, spy = make_body(loop, target, expect_continue=False)
+    worker = Worker(body.read)
+    spy.wait_entered()
+    body.feed(b"data")
+    body.feed_eof()
+    assert worker.join() == b"data"
+    loop.run_pending()
+    assert target.continues == 0
+
+
+def test_no_100_continue_once_the_body_is_complete(loop: FakeLoop, target: Target) -> None:
+    body, _ = make_body(loop, target, expect_continue=True)
+    body.feed(b"sent anyway")
+    body.feed_eof()
+    assert body.read() == b"sent anyway"
+    loop.run_pending()
+    assert target.continues == 0
+
+
+def test_feed_reports_the_high_water_mark_and_draining_resumes(
+    loop: FakeLoop, target: Target
+) -> None:
+    body, _ = make_body(loop, target, high_water=10)
+    assert body.feed(b"x" * 9) is False
+    assert not body.reading_paused
+    assert body.feed(b"x") is True
+    assert body.reading_paused
+    assert body.read(4) == b"xxxx"  # 6 left: not below half the mark yet
+    assert loop.pending == 0
+    assert body.reading_paused
+    assert body.read(2) == b"xx"  # 4 left: below half, resume reading
+    assert not body.reading_paused
+    assert loop.run_pending() == 1
+    assert target.resumes == 1
+    assert body.read(4) == b"xxxx"
+    assert loop.pending == 0  # asked once
+
+
+def test_reader_wanting_more_than_is_buffered_resumes_reading(
+    loop: FakeLoop, target: Target
+) -> None:
+    body, spy = make_body(loop, target, high_water=4)
+    assert body.feed(b"abcd") is True
+    worker = Worker(lambda: body.read(8))
+    spy.wait_entered()
+    assert loop.run_pending() == 1  # reading must resume or the reader would wait forever
+    assert target.resumes == 1
+    assert not body.reading_paused
+    body.feed(b"efgh")
+    assert worker.join() == b"abcdefgh"
+
+
+def test_disconnect_raises_in_a_blocked_reader(loop: FakeLoop, target: Target) -> None:
+    body, spy = make_body(loop, target)
+    body.feed(b"some")
+    worker = Worker(body.read)
+    spy.wait_entered()
+    body.disconnect("client went away")
+    with pytest.raises(ClientDisconnected, match="client went away"):
+        worker.join()
+    with pytest.raises(ClientDisconnected):
+        body.read(1)
+    with pytest.raises(ClientDisconnected):
+        body.readline()
+
+
+def test_disconnect_after_the_end_of_the_body_is_harmless(loop: FakeLoop, target: Target) -> None:
+    body, _ = make_body(loop, target)
+    body.feed(b"complete")
+    body.feed_eof()
+    body.disconnect()
+    assert body.read() == b"complete"
+
+
+def test_read_gives_up_after_the_timeout(loop: FakeLoop, target: Target) -> None:
+    body, spy = make_body(loop, target, timeout=0.01)
+    with pytest.raises(ClientDisconnected):
+        body.read(1)
+    assert spy.waits == 1
+
+
+def test_empty_body() -> None:
+    assert EMPTY_BODY.read() == b""
+    assert EMPTY_BODY.read(10) == b""
+    assert EMPTY_BODY.read(None) == b""
+    assert EMPTY_BODY.readline() == b""
+    assert EMPTY_BODY.readline(3) == b""
+    assert EMPTY_BODY.readlines() == []
+    assert list(EMPTY_BODY) == []
