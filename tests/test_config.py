@@ -58,7 +58,7 @@ def test_every_field_has_help() -> None:
 
 def test_keyword_only() -> None:
     with pytest.raises(TypeError):
-        Config("0.0.0.0")  # type: ignore[misc]
+        Config("0.0.0.0")  # type: ignore[call-arg]
 
 
 def test_frozen() -> None:

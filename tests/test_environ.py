@@ -6,7 +6,7 @@ import io
 import sys
 from collections.abc import Sequence
 from typing import Any
-from wsgiref.validate import check_environ
+from wsgiref.validate import check_environ  # type: ignore[attr-defined]
 
 import h11
 import pytest

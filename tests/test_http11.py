@@ -86,6 +86,13 @@ def respond(
     return head + data + tail
 
 
+def first_request(events: Sequence[object]) -> h11.Request:
+    """The first event, which must be the request head."""
+    request = events[0]
+    assert type(request) is h11.Request
+    return request
+
+
 def next_cycle(conn: ServerConnection) -> list[Any]:
     """Start the next keep-alive cycle and return the events already buffered for it."""
     conn.start_next_cycle()
@@ -102,7 +109,7 @@ def test_get_request_gives_request_and_end_of_message() -> None:
         request_bytes(client, "GET", "/path?q=1", [("Accept", "text/plain")])
     )
     assert [type(event) for event in events] == [h11.Request, h11.EndOfMessage]
-    request = events[0]
+    request = first_request(events)
     assert request.method == b"GET"
     assert request.target == b"/path?q=1"
     assert request.http_version == b"1.1"
@@ -162,7 +169,7 @@ def test_keep_alive_cycles() -> None:
     conn = server()
     for i in range(3):
         events = conn.receive_data(request_bytes(client, "GET", f"/{i}"))
-        assert events[0].target == f"/{i}".encode()
+        assert first_request(events).target == f"/{i}".encode()
         body = f"response {i}".encode()
         reply = client_events(client, respond(conn, body, content_length=len(body)))
         assert reply[0].status_code == 200
@@ -181,7 +188,7 @@ def test_pipelined_requests_pause_until_next_cycle() -> None:
     conn = server()
     events = conn.receive_data(first + second)
     assert [type(event) for event in events[:2]] == [h11.Request, h11.EndOfMessage]
-    assert events[0].target == b"/first"
+    assert first_request(events).target == b"/first"
     assert events[-1] is PAUSED
     # Still paused until the first response is complete.
     assert conn.next_events() == [PAUSED]
@@ -190,7 +197,7 @@ def test_pipelined_requests_pause_until_next_cycle() -> None:
     conn.start_next_cycle()
     events = conn.next_events()
     assert [type(event) for event in events] == [h11.Request, h11.EndOfMessage]
-    assert events[0].target == b"/second"
+    assert first_request(events).target == b"/second"
 
 
 def test_pipelined_request_runs_the_strict_head_checks() -> None:
@@ -228,7 +235,7 @@ def test_pipelined_request_body_is_not_checked_as_a_head() -> None:
     conn.start_next_cycle()
     events = conn.next_events()
     assert [type(event) for event in events] == [h11.Request]
-    assert events[0].target == b"/upload"
+    assert first_request(events).target == b"/upload"
     events = conn.receive_data(b"a" * 9000)
     assert body_of(events) == b"a" * 9000
     assert type(events[-1]) is h11.EndOfMessage
@@ -415,7 +422,7 @@ def test_chunked_framing_on_http11_without_content_length() -> None:
 def test_close_delimited_body_on_http10() -> None:
     conn = server()
     events = conn.receive_data(b"GET / HTTP/1.0\r\n\r\n")
-    assert events[0].http_version == b"1.0"
+    assert first_request(events).http_version == b"1.0"
     head = conn.send_response(200, b"OK", [(b"Content-Type", b"text/plain")], DATE)
     headers = h11_headers(head)
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")

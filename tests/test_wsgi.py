@@ -84,7 +84,10 @@ class FakeSink:
 
 
 def make_environ(
-    method: bytes = b"GET", target: bytes = b"/", body: object = EMPTY_BODY, **extra: Any
+    method: bytes = b"GET",
+    target: bytes = b"/",
+    body: object = EMPTY_BODY,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     base = connection_environ(
         server=("127.0.0.1", 8000),
@@ -95,7 +98,7 @@ def make_environ(
     )
     request = h11.Request(method=method, target=target, headers=[(b"host", b"localhost")])
     environ = build_environ(base, request, body)
-    environ.update(extra)
+    environ.update(extra or {})
     return environ
 
 
@@ -561,7 +564,7 @@ def test_error_before_the_head_exposes_the_traceback_when_asked() -> None:
         raise RuntimeError("boom with traceback")
 
     sink = FakeSink()
-    run(app, sink, make_environ(**{"asyncwsgi.expose_tracebacks": True}))
+    run(app, sink, make_environ(extra={"asyncwsgi.expose_tracebacks": True}))
     assert_500(sink)
     assert b"RuntimeError: boom with traceback" in sink.body
     assert b"Traceback" in sink.body
@@ -775,7 +778,8 @@ def test_file_wrapper_goes_to_send_file(data_file: Path) -> None:
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         f = data_file.open("rb")
         opened.append(f)
-        return environ["wsgi.file_wrapper"](f, 4096)
+        wrapper: FileWrapper = environ["wsgi.file_wrapper"](f, 4096)
+        return wrapper
 
     sink = FakeSink(can_sendfile=True)
     run(app, sink)
