@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, get_args, get_origin
 
 from . import __version__
-from .config import Config
+from .config import BindSpec, Config
 from .errors import ConfigError
+from .logs import error_logger
 
 if TYPE_CHECKING:
     from ._types import WSGIApplication
@@ -55,7 +56,9 @@ def load_app(spec: str, *, app_dir: str = ".", factory: bool = False) -> WSGIApp
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
+        # Only the module itself (or a package on its path) missing is a one-line error; a
+        # missing dependency imported by the module's own code gets its full traceback.
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise AppLoadError(f"could not import module {module_name!r}: {exc}") from None
         raise
     obj: Any = module
@@ -99,7 +102,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser: a ``serve`` subcommand with one flag per Config field."""
+    """Return the argument parser: a ``serve`` subcommand with one flag per Config field.
+
+    The ``serve`` subparser is also available as ``parser.serve_parser`` (for its error messages).
+    """
     parser = argparse.ArgumentParser(
         prog="asyncwsgi", description="Serve a WSGI application over HTTP/1.1."
     )
@@ -113,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("app", metavar="APP", help="the application, as module:attribute")
     serve.add_argument("--version", action="version", version=f"asyncwsgi {__version__}")
     _add_config_flags(serve)
+    parser.set_defaults(serve_parser=serve)
     return parser
 
 
@@ -123,15 +130,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     and return 1 (2 for a usage error).
     """
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    namespace, unknown = parser.parse_known_args(argv)
+    args = vars(namespace)
     args.pop("command")
+    serve_parser: argparse.ArgumentParser = args.pop("serve_parser")
+    if unknown:
+        serve_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     app_spec = args.pop("app")
     if "bind" in args:
         args["bind"] = tuple(args["bind"])
     try:
         config = Config(**args)
     except ConfigError as exc:
-        parser.error(str(exc))
+        serve_parser.error(str(exc))
     try:
         app = load_app(app_spec, app_dir=config.app_dir, factory=config.factory)
     except AppLoadError as exc:
@@ -142,8 +153,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(app, config=config)
     except OSError as exc:
-        print(f"Error: could not listen: {exc}", file=sys.stderr)
+        where = ", ".join(_describe(spec) for spec in config.listen_specs())
+        reason = exc.strerror or str(exc)
+        print(f"Error: could not listen at {where}: {reason}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass
+    _exit_if_workers_stuck(0)
     return 0
+
+
+def _describe(spec: BindSpec) -> str:
+    """Return a listen address as the user wrote it: ``HOST:PORT``, ``unix:PATH``, ``fd://N``."""
+    if spec.kind == "unix":
+        return f"unix:{spec.path}"
+    if spec.kind == "fd":
+        return f"fd://{spec.fd}"
+    host = f"[{spec.host}]" if ":" in spec.host else spec.host
+    return f"{host}:{spec.port}"
+
+
+def _exit_if_workers_stuck(status: int, grace: float = 1.0) -> None:
+    """Exit now with ``status`` if application threads outlived the graceful shutdown.
+
+    The pool's threads are joined at interpreter exit, so a request stuck in application code
+    past ``--timeout-graceful-shutdown`` would keep the process alive forever after "Shutdown
+    complete". Idle pool threads end within ``grace`` seconds; any still running the
+    application after that are abandoned, as the timeout promises, by exiting without the join.
+    """
+    import threading  # noqa: TID251 (only inspects the pool's threads; creates none)
+    import time
+
+    deadline = time.monotonic() + grace
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is current or thread.daemon or not thread.name.startswith("asyncwsgi"):
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in threading.enumerate() if t.is_alive() and t.name.startswith("asyncwsgi")]
+    if stuck:
+        error_logger.warning(
+            "%d worker thread(s) still running the application after shutdown; "
+            "exiting without waiting for them",
+            len(stuck),
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)

@@ -1,0 +1,1 @@
+"""A minimal Django project served by asyncwsgi in the integration tests."""

@@ -1,0 +1,50 @@
+"""A small Flask application for the integration tests (``tests.flask_app:app``).
+
+- ``GET /``: a plain text greeting with the request's SCRIPT_NAME and path;
+- ``POST /json``: echoes a JSON body back with the sum of its ``numbers``;
+- ``GET /file``: ``send_file`` of the file named by the ``ASYNCWSGI_TEST_FILE`` environment
+  variable (read at request time, so a test can create the file after import);
+- ``GET /stream?n=N``: N lines streamed with ``stream_with_context``, each one using the request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from flask import Flask, Response, jsonify, request, send_file, stream_with_context
+
+FILE_ENV = "ASYNCWSGI_TEST_FILE"
+
+app = Flask(__name__)
+
+
+@app.get("/")
+def index() -> Response:
+    text = f"Hello from Flask at {request.script_root}{request.path}"
+    return Response(text, mimetype="text/plain")
+
+
+@app.post("/json")
+def echo_json() -> Response:
+    data = request.get_json()
+    numbers = data.get("numbers", [])
+    return jsonify(received=data, total=sum(numbers), content_length=request.content_length)
+
+
+@app.get("/file")
+def big_file() -> Response:
+    return send_file(os.environ[FILE_ENV], mimetype="application/octet-stream", conditional=False)
+
+
+@app.get("/stream")
+def stream() -> Response:
+    count = int(request.args.get("n", "5"))
+
+    @stream_with_context
+    def generate() -> Iterator[str]:
+        for i in range(count):
+            # request is only reachable here because stream_with_context keeps it alive.
+            yield f"{i} {request.path} {request.args['n']}\n"
+
+    return Response(generate(), mimetype="text/plain")
