@@ -4,17 +4,22 @@
 - ``POST /json``: echoes a JSON body back with the sum of its ``numbers``;
 - ``GET /file``: ``send_file`` of the file named by the ``ASYNCWSGI_TEST_FILE`` environment
   variable (read at request time, so a test can create the file after import);
-- ``GET /stream?n=N``: N lines streamed with ``stream_with_context``, each one using the request.
+- ``GET /stream?n=N``: N lines streamed with ``stream_with_context``, each one using the request;
+- ``GET /ping-pong?key=K``: streams ``ping``, then waits until the test sets ``RELEASES[K]``
+  (a :class:`threading.Event`), then streams ``pong``.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 
 from flask import Flask, Response, jsonify, request, send_file, stream_with_context
 
 FILE_ENV = "ASYNCWSGI_TEST_FILE"
+#: Events that ``/ping-pong`` waits on between its two pieces, by ``?key=``.
+RELEASES: dict[str, threading.Event] = {}
 
 app = Flask(__name__)
 
@@ -46,5 +51,19 @@ def stream() -> Response:
         for i in range(count):
             # request is only reachable here because stream_with_context keeps it alive.
             yield f"{i} {request.path} {request.args['n']}\n"
+
+    return Response(generate(), mimetype="text/plain")
+
+
+@app.get("/ping-pong")
+def ping_pong() -> Response:
+    release = RELEASES[request.args["key"]]
+
+    @stream_with_context
+    def generate() -> Iterator[str]:
+        yield f"ping {request.path}\n"
+        if not release.wait(10):
+            raise TimeoutError("the test never released /ping-pong")
+        yield f"pong {request.path}\n"
 
     return Response(generate(), mimetype="text/plain")
