@@ -51,12 +51,20 @@ CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // KiB
 
 READY_TIMEOUT_S = 15.0
+DRAIN_TIMEOUT_S = 10.0
+START_FAILED = "start failed:"
+IDLE_MIN_HELD = 100
 STOP_TIMEOUT_S = 5.0
 WRK_TIMEOUT = "5s"
 TUNED_BACKLOG = 2048
 TUNED_KEEP_ALIVE_S = 60
 TUNED_CONNECTION_LIMIT = 12_000
 SLEEP_APP_S = 0.05
+#: Bodies up to this size are checked one by one in wrk's response(); larger ones in aggregate
+#: (wrk 4.1 grows its body buffer 1 KiB at a time, which would make wrk the bottleneck).
+PER_RESPONSE_CHECK_MAX_BYTES = 16 * KiB
+#: Allowance per response for the head and chunked framing in the aggregate size check.
+AGGREGATE_SLACK_BYTES = 4 * KiB
 
 # --------------------------------------------------------------------------------------------
 # Scenarios
@@ -222,10 +230,9 @@ NGINX_FILES = {"body64k": 64 * KiB, "body1m": MiB}
 
 def cmd_nginx(ctx: LaunchContext) -> list[str]:
     name = ctx.scenario.name
-    if name == "file":
-        location = f"alias {bench_file_path()};"
-    elif name in NGINX_FILES:
-        location = f"alias {static_file(NGINX_FILES[name])};"
+    if name == "file" or name in NGINX_FILES:
+        path = Path(bench_file_path() if name == "file" else static_file(NGINX_FILES[name]))
+        location = f"root {path.parent}; try_files /{path.name} =404;"
     else:
         location = 'default_type text/plain; return 200 "Hello, world!";'
     temp = ctx.workdir
@@ -254,9 +261,9 @@ http {{
     }}
 }}
 """
-    path = temp / "nginx.conf"
-    path.write_text(conf)
-    return [nginx_binary(), "-p", str(temp), "-c", str(path), "-e", "stderr"]
+    conf_path = temp / "nginx.conf"
+    conf_path.write_text(conf)
+    return [nginx_binary(), "-p", str(temp), "-c", str(conf_path), "-e", "stderr"]
 
 
 SERVERS: dict[str, Server] = {
@@ -592,9 +599,9 @@ class RunningServer:
         self.log_file.close()
 
 
-def probe(port: int, scenario: Scenario, expect: Expect) -> str | None:
+def probe(port: int, scenario: Scenario, expect: Expect, timeout_s: float = 2.0) -> str | None:
     """Send one request; return None if the answer is correct, else what was wrong."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2.0)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
     try:
         if scenario.post_bytes is not None:
             conn.request("POST", "/", body=b"x" * scenario.post_bytes)
@@ -616,12 +623,44 @@ def wait_ready(server: RunningServer, port: int, scenario: Scenario, expect: Exp
     problem = "no answer"
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
-            raise ServerFailed(f"exited with {server.proc.returncode}: {server.log_tail()}")
+            raise ServerFailed(
+                f"{START_FAILED} exited with {server.proc.returncode}: {server.log_tail()}"
+            )
         problem = probe(port, scenario, expect) or ""
         if not problem:
             return
         time.sleep(0.1)
-    raise ServerFailed(f"not ready after {READY_TIMEOUT_S:.0f} s ({problem}): {server.log_tail()}")
+    raise ServerFailed(
+        f"{START_FAILED} not ready after {READY_TIMEOUT_S:.0f} s ({problem}): "
+        f"{process_state(server.pid)}; log: {server.log_tail()}"
+    )
+
+
+def process_state(pid: int) -> str:
+    """The kernel's view of a stuck process, for failure reports."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
+    except OSError:
+        return "process gone"
+    state = next((line for line in status.splitlines() if line.startswith("State:")), "")
+    return f"{state.strip()} wchan={wchan or '-'}"
+
+
+def drain(server: RunningServer, port: int, scenario: Scenario, expect: Expect) -> None:
+    """Wait until requests queued by the warm-up are served, so they don't eat the measurement.
+
+    A server that is slower than wrk (gunicorn-sync on the sleep app: 64 connections x 50 ms)
+    still has the warm-up's connections in its accept queue when wrk exits. One fresh request
+    queues behind them; its answer means the backlog is gone.
+    """
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise ServerFailed(f"exited with {server.proc.returncode}: {server.log_tail()}")
+        if probe(port, scenario, expect, timeout_s=DRAIN_TIMEOUT_S) is None:
+            return
+        time.sleep(0.1)
 
 
 @dataclass
@@ -654,7 +693,11 @@ def run_wrk(
     cmd += [f"http://127.0.0.1:{port}/", "--", str(expect.status), str(expect.length)]
     if scenario.post_bytes is not None:
         cmd.append(str(scenario.post_bytes))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    per_response = expect.length <= PER_RESPONSE_CHECK_MAX_BYTES
+    env = {**os.environ, "CHECK_BODIES": "1" if per_response else "0"}
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=seconds + 60, check=False, env=env
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_RESULT "):
             data: dict[str, Any] = json.loads(line.removeprefix("BENCH_RESULT "))
@@ -665,17 +708,41 @@ def run_wrk(
     socket_errors = sum(
         data[key] for key in ("connect_errors", "read_errors", "write_errors", "timeouts")
     )
+    bad_responses = data["bad_status"] + data["bad_length"]
+    bad_sample = data["bad_sample"]
+    if not per_response:
+        bad_responses, bad_sample = check_in_aggregate(data, expect, opts.connections)
     return WrkResult(
         requests=data["requests"],
         duration_s=duration_s,
         rps=data["requests"] / duration_s if duration_s else 0.0,
         socket_errors=socket_errors,
-        bad_responses=data["bad_status"] + data["bad_length"],
-        bad_sample=data["bad_sample"],
+        bad_responses=bad_responses,
+        bad_sample=bad_sample,
         p50_ms=data["p50_us"] / 1000,
         p99_ms=data["p99_us"] / 1000,
         p999_ms=data["p999_us"] / 1000,
     )
+
+
+def check_in_aggregate(data: dict[str, Any], expect: Expect, connections: int) -> tuple[int, str]:
+    """Check large responses from wrk's totals, for runs without a per-response check.
+
+    Status: wrk counts non-2xx/3xx responses itself. Size: every complete response carries at
+    least the expected body, so the bytes read must be at least requests x body length, and at
+    most that plus head/chunk framing and the responses still in flight when wrk stopped.
+    A wrong Content-Length or a truncated body also breaks wrk's parser (read errors).
+    """
+    requests: int = data["requests"]
+    status_errors: int = data["status_errors"]
+    if status_errors:
+        return status_errors, f"{status_errors} non-2xx/3xx responses"
+    low = requests * expect.length
+    high = (requests + connections) * (expect.length + AGGREGATE_SLACK_BYTES)
+    if requests and not low <= data["bytes"] <= high:
+        per = data["bytes"] / requests
+        return requests, f"{per:,.0f} bytes read per response, body is {expect.length:,}"
+    return 0, ""
 
 
 @dataclass
@@ -693,6 +760,8 @@ class RunResult:
     p99_ms: float = 0.0
     p999_ms: float = 0.0
     errors: int = 0
+    socket_errors: int = 0
+    bad_responses: int = 0
     bad_sample: str = ""
     rss_mib: float = 0.0
     cpu_ms_per_req: float = 0.0
@@ -704,14 +773,21 @@ class RunResult:
 class HelperClients:
     """idle_clients.py in a subprocess pinned to the client core."""
 
-    def __init__(self, mode: str, port: int, count: int, opts: Options) -> None:
+    def __init__(self, mode: str, port: int, count: int, opts: Options, log_path: Path) -> None:
         pin = ["taskset", "-c", opts.client_cpu] if opts.client_cpu is not None else []
         cmd = [*pin, sys.executable, str(IDLE_CLIENTS_PY), mode, "--port", str(port)]
         cmd += ["--count", str(count), "--connect-phase", str(opts.connect_phase_s)]
         cmd += ["--max-seconds", str(opts.connect_phase_s + 4 * opts.duration + 60)]
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True
-        )
+        self.log_path = log_path
+        with log_path.open("wb") as log_file:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                text=True,
+                start_new_session=True,
+            )
 
     def read_report(self, tag: str) -> dict[str, float]:
         assert self.proc.stdout is not None
@@ -719,7 +795,13 @@ class HelperClients:
             if line.startswith(tag + " "):
                 data: dict[str, float] = json.loads(line.removeprefix(tag + " "))
                 return data
-        raise ServerFailed(f"client helper ended without {tag} (rc {self.proc.poll()})")
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            lines = []
+        raise ServerFailed(
+            f"client helper ended without {tag} (rc {self.proc.wait()}): {' | '.join(lines[-4:])}"
+        )
 
     def finish(self) -> dict[str, float]:
         assert self.proc.stdin is not None
@@ -750,6 +832,7 @@ def run_case(
             wait_ready(running, port, scenario, expect)
             if opts.warmup > 0:
                 run_wrk(port, scenario, expect, opts.warmup, opts)
+                drain(running, port, scenario, expect)
             if scenario.kind == "wrk":
                 result = measure_wrk(running, port, scenario, expect, opts, server, round_no)
             else:
@@ -801,6 +884,8 @@ def result_from(
         p99_ms=wrk.p99_ms,
         p999_ms=wrk.p999_ms,
         errors=wrk.errors,
+        socket_errors=wrk.socket_errors,
+        bad_responses=wrk.bad_responses,
         bad_sample=wrk.bad_sample,
         rss_mib=after.rss_kib / KiB,
         cpu_ms_per_req=cpu_ms / wrk.requests if wrk.requests else 0.0,
@@ -823,7 +908,9 @@ def measure_with_helpers(
     idle = scenario.kind == "idle"
     count = opts.idle_connections if idle else opts.slowloris_clients
     quiet = sample_tree(running.pid)
-    helpers = HelperClients("idle" if idle else "slowloris", port, count, opts)
+    helpers = HelperClients(
+        "idle" if idle else "slowloris", port, count, opts, running.log_path.parent / "clients.log"
+    )
     try:
         ready = helpers.read_report("READY")
         time.sleep(1.0)
@@ -836,6 +923,8 @@ def measure_with_helpers(
         helpers.kill()
     result = result_from(server, scenario, round_no, wrk, before, after)
     result.errors += baseline.errors
+    result.socket_errors += baseline.socket_errors
+    result.bad_responses += baseline.bad_responses
     held = ready["open_now"]
     extra = {
         "rps_without": baseline.rps,
@@ -854,7 +943,8 @@ def measure_with_helpers(
     }
     if idle:
         delta = loaded.rss_kib - quiet.rss_kib
-        extra["rss_kib_per_conn"] = delta / held if held else 0.0
+        # Per connection only when enough are held for the delta to mean something.
+        extra["rss_kib_per_conn"] = delta / held if held >= IDLE_MIN_HELD else -1.0
     else:
         extra["reconnects"] = done["reconnects"]
     result.extra = extra
@@ -1017,6 +1107,9 @@ def run_all(opts: Options, report: Report) -> None:
                     result = RunResult(name, scenario_name, round_no, ok=False, error=expect)
                 else:
                     result = run_case(SERVERS[name], scenario, expect, round_no, opts)
+                    if not result.ok and result.error and result.error.startswith(START_FAILED):
+                        log(describe(result, opts.rounds) + " (retrying once)")
+                        result = run_case(SERVERS[name], scenario, expect, round_no, opts)
                 report.add(result)
                 log(describe(result, opts.rounds))
                 if not result.ok and round_no == 1:
@@ -1059,10 +1152,18 @@ class Summary:
     p99_ms: float
     p999_ms: float
     errors: int
+    socket_errors: int
+    bad_responses: int
     rss_mib: float
     cpu_ms_per_req: float
     threads: float
     extra: dict[str, float]
+
+    def errors_text(self) -> str:
+        """Total errors, split as ``socket/bad responses`` when there are any."""
+        if not self.errors:
+            return "0"
+        return f"{self.errors} ({self.socket_errors}/{self.bad_responses})"
 
 
 def summarise(server: str, runs: list[RunResult]) -> Summary:
@@ -1080,6 +1181,8 @@ def summarise(server: str, runs: list[RunResult]) -> Summary:
             p99_ms=0.0,
             p999_ms=0.0,
             errors=0,
+            socket_errors=0,
+            bad_responses=0,
             rss_mib=0.0,
             cpu_ms_per_req=0.0,
             threads=0.0,
@@ -1102,6 +1205,8 @@ def summarise(server: str, runs: list[RunResult]) -> Summary:
         p99_ms=med([r.p99_ms for r in ok]),
         p999_ms=med([r.p999_ms for r in ok]),
         errors=sum(r.errors for r in ok),
+        socket_errors=sum(r.socket_errors for r in ok),
+        bad_responses=sum(r.bad_responses for r in ok),
         rss_mib=med([r.rss_mib for r in ok]),
         cpu_ms_per_req=med([r.cpu_ms_per_req for r in ok]),
         threads=med([float(r.threads) for r in ok]),
@@ -1166,9 +1271,9 @@ def collect_versions(servers: Sequence[str]) -> dict[str, str]:
     if "asyncwsgi" in servers:
         versions["asyncwsgi"] = asyncwsgi_version() or "not importable"
     versions["python"] = platform.python_version()
-    versions["wrk"] = tool_version(["wrk", "-v"])
+    versions["wrk"] = tool_version(["wrk", "-v"]).split(" [", 1)[0].removeprefix("wrk ")
     if "nginx" in servers:
-        versions["nginx"] = tool_version([nginx_binary(), "-v"])
+        versions["nginx"] = tool_version([nginx_binary(), "-v"]).rsplit("/", 1)[-1]
     return versions
 
 
@@ -1238,7 +1343,9 @@ class Report:
             "",
             "req/s is the median of the rounds (min-max beside it); latencies, RSS (summed over",
             "the server's process tree) and CPU ms per request are medians too; errors are summed",
-            "over the rounds (socket errors + wrong status + wrong body length).",
+            "over the rounds, shown as total (socket errors / wrong responses): socket errors",
+            "are wrk's connect/read/write errors and timeouts, wrong responses a bad status or",
+            "body length.",
             "",
         ]
         lines += self.markdown_overview()
@@ -1300,7 +1407,8 @@ class Report:
             lines.append(
                 f"| {s.server} | {fmt_num(s.rps)} | {fmt_num(s.rps_min)}-{fmt_num(s.rps_max)} "
                 f"| {ratio} | {fmt_ms(s.p50_ms)} | {fmt_ms(s.p99_ms)} | {fmt_ms(s.p999_ms)} "
-                f"| {s.errors} | {s.rss_mib:.1f} | {s.cpu_ms_per_req:.3f} | {s.threads:.0f} |"
+                f"| {s.errors_text()} | {s.rss_mib:.1f} | {s.cpu_ms_per_req:.3f} "
+                f"| {s.threads:.0f} |"
             )
         return [*lines, *self.failure_notes(rows), ""]
 
@@ -1356,12 +1464,13 @@ class Report:
             row = (
                 f"| {s.server} | {e.get('held_at_start', 0):,.0f} | {fmt_num(e['rps_without'])} "
                 f"| {fmt_num(e['rps_with'])} | {e['with_over_without']:.2f} | {ratio} "
-                f"| {fmt_ms(s.p99_ms)} | {s.errors} "
+                f"| {fmt_ms(s.p99_ms)} | {s.errors_text()} "
             )
             if idle:
                 row += (
                     f"| {e['rss_mib_without']:.1f} | {e['rss_mib_with']:.1f} "
-                    f"| {e.get('rss_kib_per_conn', 0):.1f} | {e['threads_without']:.0f} "
+                    f"| {per_conn_text(e.get('rss_kib_per_conn', -1.0))} "
+                    f"| {e['threads_without']:.0f} "
                     f"| {e['threads_with']:.0f} |"
                 )
             else:
@@ -1435,6 +1544,10 @@ class Report:
             plt.close(fig)
             written.append(path)
         return written
+
+
+def per_conn_text(kib: float) -> str:
+    return f"{kib:.1f}" if kib >= 0 else "-"
 
 
 def bar_color(server: str) -> str:

@@ -97,13 +97,33 @@ class Clients:
         #: Set once every slow client has connected once.
         self.all_connected = asyncio.Event()
         self.expected = 0
+        #: Idle connections still connecting or waiting for their response.
+        self.connecting: set[asyncio.Task[None]] = set()
 
     def _check_settled(self) -> None:
         counters = self.counters
         if counters.answered + counters.failed >= self.expected:
             self.settled.set()
 
+    def abandon_connecting(self) -> None:
+        """End the connect phase: give up on connections not answered yet."""
+        for task in list(self.connecting):
+            task.cancel()
+
     async def idle_one(self, connect_limit: asyncio.Semaphore) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connecting.add(task)
+        try:
+            await self._idle_one(connect_limit)
+        except asyncio.CancelledError:
+            if task in self.connecting:
+                self.counters.failed += 1
+            raise
+        finally:
+            self.connecting.discard(task)
+
+    async def _idle_one(self, connect_limit: asyncio.Semaphore) -> None:
         counters = self.counters
         counters.attempted += 1
         async with connect_limit:
@@ -120,6 +140,9 @@ class Clients:
         counters.answered += 1
         self._check_settled()
         counters.open_now += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self.connecting.discard(task)
         stop_task = asyncio.create_task(self.stop.wait())
         read_task = asyncio.create_task(reader.read(1))
         await asyncio.wait({stop_task, read_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -208,6 +231,7 @@ async def run(args: argparse.Namespace) -> None:
                 tasks = [asyncio.create_task(clients.idle_one(limit)) for _ in range(args.count)]
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(clients.settled.wait(), args.connect_phase)
+                clients.abandon_connecting()
             else:
                 tasks = [asyncio.create_task(clients.slow_one()) for _ in range(args.count)]
                 with contextlib.suppress(TimeoutError):

@@ -81,7 +81,7 @@ def run_uvicorn(app: WSGIApplication, args: argparse.Namespace) -> None:
         port=args.port,
         interface="asgi3",
         access_log=False,
-        log_level="warning",
+        log_level="info",
         **options,
     )
 
