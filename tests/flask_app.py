@@ -46,24 +46,22 @@ def big_file() -> Response:
 def stream() -> Response:
     count = int(request.args.get("n", "5"))
 
-    @stream_with_context
     def generate() -> Iterator[str]:
         for i in range(count):
             # request is only reachable here because stream_with_context keeps it alive.
             yield f"{i} {request.path} {request.args['n']}\n"
 
-    return Response(generate(), mimetype="text/plain")
+    return Response(stream_with_context(generate()), mimetype="text/plain")
 
 
 @app.get("/ping-pong")
 def ping_pong() -> Response:
     release = RELEASES[request.args["key"]]
 
-    @stream_with_context
     def generate() -> Iterator[str]:
         yield f"ping {request.path}\n"
         if not release.wait(10):
             raise TimeoutError("the test never released /ping-pong")
         yield f"pong {request.path}\n"
 
-    return Response(generate(), mimetype="text/plain")
+    return Response(stream_with_context(generate()), mimetype="text/plain")

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 import requests
-from django.core.signals import request_finished
+from django.core.signals import request_finished  # type: ignore[import-untyped]
 
 from tests import flask_app
 from tests.djangoproject.wsgi import application as django_app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from django.core.wsgi import get_wsgi_application
+from django.core.wsgi import get_wsgi_application  # type: ignore[import-untyped]
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.djangoproject.settings")
 
