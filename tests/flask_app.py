@@ -4,6 +4,8 @@
 - ``POST /json``: echoes a JSON body back with the sum of its ``numbers``;
 - ``GET /file``: ``send_file`` of the file named by the ``ASYNCWSGI_TEST_FILE`` environment
   variable (read at request time, so a test can create the file after import);
+- ``GET /conditional-file``: the same with ``send_file``'s defaults (ETag, Range, 304), as
+  ``send_from_directory`` and Flask's static files answer;
 - ``GET /stream?n=N``: N lines streamed with ``stream_with_context``, each one using the request;
 - ``GET /ping-pong?key=K``: streams ``ping``, then waits until the test sets ``RELEASES[K]``
   (a :class:`threading.Event`), then streams ``pong``.
@@ -40,6 +42,11 @@ def echo_json() -> Response:
 @app.get("/file")
 def big_file() -> Response:
     return send_file(os.environ[FILE_ENV], mimetype="application/octet-stream", conditional=False)
+
+
+@app.get("/conditional-file")
+def conditional_file() -> Response:
+    return send_file(os.environ[FILE_ENV], mimetype="application/octet-stream")
 
 
 @app.get("/stream")

@@ -154,6 +154,49 @@ async def test_flask_send_file_goes_out_by_sendfile(
     assert again.text == "Hello from Flask at /"
 
 
+async def test_flask_send_file_range_request(large_file: LargeFile) -> None:
+    """Werkzeug wraps ``iter(file_wrapper)`` for a Range and closes only that iterator.
+
+    The file must still be closed when the response ends: an unclosed file shows up as a
+    ResourceWarning, which this project's pytest settings turn into a failure.
+    """
+    data = large_file.path.read_bytes()
+    async with serving(flask_app.app) as (_, client):
+        middle = await client.get("/conditional-file", headers={"Range": "bytes=1000-1999"})
+        tail = await client.get("/conditional-file", headers={"Range": f"bytes=-{MiB}"})
+    assert middle.status_code == 206
+    assert middle.headers["content-range"] == f"bytes 1000-1999/{large_file.size}"
+    assert middle.content == data[1000:2000]
+    assert tail.status_code == 206
+    assert tail.content == data[-MiB:]
+
+
+async def test_flask_send_file_not_modified(large_file: LargeFile) -> None:
+    async with serving(flask_app.app) as (_, client):
+        first = await client.get("/conditional-file")
+        etag = first.headers["etag"]
+        again = await client.get("/conditional-file", headers={"If-None-Match": etag})
+        after = await client.get("/")  # same connection: the 304 had no body
+    assert again.status_code == 304
+    assert again.content == b""
+    assert after.text == "Hello from Flask at /"
+
+
+async def test_flask_conditional_send_file_has_one_date_header(large_file: LargeFile) -> None:
+    """Werkzeug sets Date on conditional responses; the server must not add a second one.
+
+    Date is a singleton field (RFC 9110 section 6.6.1); two Date fields make the message invalid.
+    """
+    async with serving(flask_app.app) as (_, client):
+        full = await client.get("/conditional-file")
+        not_modified = await client.get(
+            "/conditional-file", headers={"If-None-Match": full.headers["etag"]}
+        )
+    assert (full.status_code, not_modified.status_code) == (200, 304)
+    assert len(full.headers.get_list("date")) == 1, full.headers.get_list("date")
+    assert len(not_modified.headers.get_list("date")) == 1, not_modified.headers
+
+
 async def test_flask_stream_with_context() -> None:
     async with serving(flask_app.app) as (_, client):
         response = await client.get("/stream", params={"n": "300"})
