@@ -54,6 +54,8 @@ READY_TIMEOUT_S = 15.0
 DRAIN_TIMEOUT_S = 10.0
 START_FAILED = "start failed:"
 IDLE_MIN_HELD = 100
+QUIET_PROBE_S = 0.5
+QUIET_BUSY_PCT = 10.0
 STOP_TIMEOUT_S = 5.0
 WRK_TIMEOUT = "5s"
 TUNED_BACKLOG = 2048
@@ -149,6 +151,8 @@ class Server:
     command: Callable[[LaunchContext], list[str]]
     scenarios: frozenset[str] | None = None
     reference: bool = False
+    #: The HTTP side runs in native code (granian: Rust), not in Python.
+    native: bool = False
     default_threads: int | None = None
 
     def supports(self, scenario: str) -> bool:
@@ -323,6 +327,7 @@ SERVERS: dict[str, Server] = {
             ("granian",),
             ("granian",),
             cmd_granian,
+            native=True,
         ),
         Server(
             "wsgiref",
@@ -676,6 +681,7 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     p999_ms: float
+    cpu_pct: float
 
     @property
     def errors(self) -> int:
@@ -695,8 +701,13 @@ def run_wrk(
         cmd.append(str(scenario.post_bytes))
     per_response = expect.length <= PER_RESPONSE_CHECK_MAX_BYTES
     env = {**os.environ, "CHECK_BODIES": "1" if per_response else "0"}
+    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=seconds + 60, check=False, env=env
+    )
+    usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk_cpu_s = (usage_after.ru_utime + usage_after.ru_stime) - (
+        usage_before.ru_utime + usage_before.ru_stime
     )
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_RESULT "):
@@ -722,6 +733,7 @@ def run_wrk(
         p50_ms=data["p50_us"] / 1000,
         p99_ms=data["p99_us"] / 1000,
         p999_ms=data["p999_us"] / 1000,
+        cpu_pct=100.0 * wrk_cpu_s / duration_s if duration_s else 0.0,
     )
 
 
@@ -767,6 +779,10 @@ class RunResult:
     cpu_ms_per_req: float = 0.0
     threads: int = 0
     processes: int = 0
+    #: CPU used by wrk during the run, % of one core: near 100 means the client is the limit.
+    wrk_cpu_pct: float = 0.0
+    #: CPU used on the server's core by processes other than the server, % of the window.
+    noise_pct: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -833,6 +849,7 @@ def run_case(
             if opts.warmup > 0:
                 run_wrk(port, scenario, expect, opts.warmup, opts)
                 drain(running, port, scenario, expect)
+            wait_for_quiet(opts)
             if scenario.kind == "wrk":
                 result = measure_wrk(running, port, scenario, expect, opts, server, round_no)
             else:
@@ -859,9 +876,56 @@ def measure_wrk(
     round_no: int,
 ) -> RunResult:
     before = sample_tree(running.pid)
+    core_before, wall_before = core_busy_ticks(opts.server_cpu), time.monotonic()
     wrk = run_wrk(port, scenario, expect, opts.duration, opts)
+    core_after, wall_after = core_busy_ticks(opts.server_cpu), time.monotonic()
     after = sample_tree(running.pid)
-    return result_from(server, scenario, round_no, wrk, before, after)
+    result = result_from(server, scenario, round_no, wrk, before, after)
+    if core_before is not None and core_after is not None:
+        foreign = (core_after - core_before) - (after.cpu_ticks - before.cpu_ticks)
+        window = (wall_after - wall_before) * CLOCK_TICKS_PER_S
+        result.noise_pct = max(0.0, 100.0 * foreign / window) if window > 0 else 0.0
+    return result
+
+
+def wait_for_quiet(opts: Options) -> float:
+    """Wait (at most ``opts.quiet_wait_s``) until both pinned cores are nearly idle.
+
+    Other processes on the machine (a test suite, a build) distort the numbers; waiting for
+    them to pause is cheaper than rerunning. Returns the seconds waited.
+    """
+    cores = [cpu for cpu in (opts.server_cpu, opts.client_cpu) if cpu is not None]
+    if opts.quiet_wait_s <= 0 or not cores:
+        return 0.0
+    started = time.monotonic()
+    while True:
+        before = [core_busy_ticks(cpu) for cpu in cores]
+        time.sleep(QUIET_PROBE_S)
+        after = [core_busy_ticks(cpu) for cpu in cores]
+        busy = [
+            100.0 * (a - b) / (QUIET_PROBE_S * CLOCK_TICKS_PER_S)
+            for a, b in zip(after, before, strict=True)
+            if a is not None and b is not None
+        ]
+        waited = time.monotonic() - started
+        if not busy or max(busy) <= QUIET_BUSY_PCT or waited >= opts.quiet_wait_s:
+            if waited > 1.0:
+                log(f"  waited {waited:.0f} s for the cores to be quiet (busy {max(busy):.0f}%)")
+            return waited
+
+
+def core_busy_ticks(cpu: str | None) -> int | None:
+    """Busy clock ticks of one core from /proc/stat (None when not pinned to a single core)."""
+    if cpu is None or not cpu.isdigit():
+        return None
+    prefix = f"cpu{cpu} "
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith(prefix):
+                # user nice system idle iowait irq softirq steal ...
+                values = [int(v) for v in line.split()[1:9]]
+                return sum(values) - values[3] - values[4]
+    return None
 
 
 def result_from(
@@ -891,6 +955,7 @@ def result_from(
         cpu_ms_per_req=cpu_ms / wrk.requests if wrk.requests else 0.0,
         threads=after.threads,
         processes=len(after.pids),
+        wrk_cpu_pct=wrk.cpu_pct,
     )
 
 
@@ -971,6 +1036,7 @@ class Options:
     idle_connections: int
     slowloris_clients: int
     connect_phase_s: float
+    quiet_wait_s: float
     server_cpu: str | None
     client_cpu: str | None
     output: str
@@ -1000,6 +1066,12 @@ def parse_args(argv: Sequence[str]) -> Options:
     parser.add_argument("--slowloris-clients", type=int, default=1_000)
     parser.add_argument(
         "--connect-phase", type=float, default=30.0, help="cap on opening idle connections, s"
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=10.0,
+        help="before each measurement, wait up to this many s for both cores to be idle",
     )
     parser.add_argument("--server-cpu", default="0", help="core for servers ('' = no pinning)")
     parser.add_argument("--client-cpu", default="1", help="core for wrk ('' = no pinning)")
@@ -1035,6 +1107,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         idle_connections=args.idle_connections,
         slowloris_clients=args.slowloris_clients,
         connect_phase_s=args.connect_phase,
+        quiet_wait_s=0.0 if args.quick else args.quiet_wait,
         server_cpu=args.server_cpu if pinning and args.server_cpu else None,
         client_cpu=args.client_cpu if pinning and args.client_cpu else None,
         output=args.output or ("quick" if args.quick else "latest"),
@@ -1157,6 +1230,8 @@ class Summary:
     rss_mib: float
     cpu_ms_per_req: float
     threads: float
+    wrk_cpu_pct: float
+    noise_pct: float
     extra: dict[str, float]
 
     def errors_text(self) -> str:
@@ -1186,6 +1261,8 @@ def summarise(server: str, runs: list[RunResult]) -> Summary:
             rss_mib=0.0,
             cpu_ms_per_req=0.0,
             threads=0.0,
+            wrk_cpu_pct=0.0,
+            noise_pct=0.0,
             extra={},
         )
 
@@ -1210,6 +1287,8 @@ def summarise(server: str, runs: list[RunResult]) -> Summary:
         rss_mib=med([r.rss_mib for r in ok]),
         cpu_ms_per_req=med([r.cpu_ms_per_req for r in ok]),
         threads=med([float(r.threads) for r in ok]),
+        wrk_cpu_pct=med([r.wrk_cpu_pct for r in ok]),
+        noise_pct=max(r.noise_pct for r in ok),
         extra={key: med([r.extra[key] for r in ok if key in r.extra]) for key in extra_keys},
     )
 
@@ -1345,7 +1424,9 @@ class Report:
             "the server's process tree) and CPU ms per request are medians too; errors are summed",
             "over the rounds, shown as total (socket errors / wrong responses): socket errors",
             "are wrk's connect/read/write errors and timeouts, wrong responses a bad status or",
-            "body length.",
+            "body length. wrk CPU % is wrk's CPU use on its core (near 100: the client is the",
+            "limit, as for nginx); noise % is the highest share of the server's core used by",
+            "other processes during a measurement (more than a few %: rerun on a quiet machine).",
             "",
         ]
         lines += self.markdown_overview()
@@ -1353,11 +1434,15 @@ class Report:
             lines += self.markdown_scenario(scenario)
         return "\n".join(lines) + "\n"
 
-    def best_peer(self, rows: list[Summary]) -> Summary | None:
+    def best_peer(self, rows: list[Summary], python_only: bool = False) -> Summary | None:
+        """The fastest WSGI peer; with ``python_only``, leave out servers with a native core."""
         peers = [
             s
             for s in rows
-            if s.ok_runs and s.server != "asyncwsgi" and not SERVERS[s.server].reference
+            if s.ok_runs
+            and s.server != "asyncwsgi"
+            and not SERVERS[s.server].reference
+            and not (python_only and SERVERS[s.server].native)
         ]
         return max(peers, key=lambda s: s.rps) if peers else None
 
@@ -1365,22 +1450,27 @@ class Report:
         lines = [
             "## Where we stand",
             "",
-            "| scenario | asyncwsgi req/s | best peer | peer req/s | asyncwsgi / best peer "
-            "| nginx req/s |",
-            "|---|---:|---|---:|---:|---:|",
+            "Medians of req/s (for idle and slowloris: hello req/s with the extra connections",
+            "open). Python peers are the servers whose HTTP handling runs in Python; granian's",
+            "runs in Rust and nginx is the static-file / fixed-response reference.",
+            "",
+            "| scenario | asyncwsgi | best Python peer | asyncwsgi / it | best peer (any) "
+            "| asyncwsgi / it | nginx |",
+            "|---|---:|---|---:|---|---:|---:|",
         ]
         for scenario in self.scenarios_done():
             rows = {s.server: s for s in self.summaries(scenario)}
             ours = rows.get("asyncwsgi")
-            best = self.best_peer(list(rows.values()))
+            ours_rps = ours.rps if ours and ours.ok_runs else None
             nginx = rows.get("nginx")
-            ours_text = fmt_num(ours.rps) if ours and ours.ok_runs else "failed / not run"
-            ratio = f"{ours.rps / best.rps:.2f}x" if ours and ours.ok_runs and best else "-"
-            lines.append(
-                f"| {scenario} | {ours_text} | {best.server if best else '-'} "
-                f"| {fmt_num(best.rps) if best else '-'} | {ratio} "
-                f"| {fmt_num(nginx.rps) if nginx and nginx.ok_runs else '-'} |"
-            )
+            cells = [scenario, fmt_num(ours_rps) if ours_rps is not None else "failed / not run"]
+            for python_only in (True, False):
+                best = self.best_peer(list(rows.values()), python_only)
+                cells.append(f"{best.server} {fmt_num(best.rps)}" if best else "-")
+                ratio = ours_rps / best.rps if best and best.rps and ours_rps is not None else None
+                cells.append(f"{ratio:.2f}x" if ratio is not None else "-")
+            cells.append(fmt_num(nginx.rps) if nginx and nginx.ok_runs else "-")
+            lines.append("| " + " | ".join(cells) + " |")
         return [*lines, ""]
 
     def markdown_scenario(self, scenario: str) -> list[str]:
@@ -1396,19 +1486,19 @@ class Report:
             return lines + self.markdown_helpers(scenario, rows, base, base_name)
         lines += [
             f"| server | req/s | min-max | vs {base_name} | p50 ms | p99 ms | p99.9 ms | errors "
-            "| RSS MiB | CPU ms/req | threads |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| RSS MiB | CPU ms/req | threads | wrk CPU % | noise % |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for s in sorted(rows, key=lambda s: -s.rps):
             if not s.ok_runs:
-                lines.append(f"| {s.server} | failed: {md_escape(s.failed)} " + "| " * 9 + "|")
+                lines.append(f"| {s.server} | failed: {md_escape(s.failed)} " + "| " * 11 + "|")
                 continue
             ratio = f"{s.rps / base.rps:.2f}x" if base and base.rps else "-"
             lines.append(
                 f"| {s.server} | {fmt_num(s.rps)} | {fmt_num(s.rps_min)}-{fmt_num(s.rps_max)} "
                 f"| {ratio} | {fmt_ms(s.p50_ms)} | {fmt_ms(s.p99_ms)} | {fmt_ms(s.p999_ms)} "
                 f"| {s.errors_text()} | {s.rss_mib:.1f} | {s.cpu_ms_per_req:.3f} "
-                f"| {s.threads:.0f} |"
+                f"| {s.threads:.0f} | {s.wrk_cpu_pct:.0f} | {s.noise_pct:.0f} |"
             )
         return [*lines, *self.failure_notes(rows), ""]
 
