@@ -7,8 +7,13 @@ so every behaviour is testable by feeding bytes (see ``tests/test_http11.py``).
 
 h11 does all parsing and framing (RFC 9112). This module adds what a server needs on top:
 
-- strictness checks where h11 0.16 is lenient (:mod:`asyncwsgi.strict`), run on the raw request
-  head before h11 sees it, so that an application never gets an ambiguous request;
+- strictness checks where h11 0.16 is lenient (:mod:`asyncwsgi.strict`), run on the raw bytes
+  h11 holds (every request head, pipelined ones included, each chunk-size line and the trailer
+  section) just before h11 parses them, so that an application never gets an ambiguous request;
+- after a rejection, nothing more: every later call raises the same :class:`RequestRejected`,
+  so no pipelined request behind a bad one is ever parsed;
+- bytes after a request that ends the connection (HTTP/1.0, ``Connection: close``) are ignored
+  rather than refused, so that such a request is still answered;
 - request limits with gunicorn's names (414, 431, 413);
 - ``Date`` and ``Server`` headers, and dropping body bytes of HEAD, 204 and 304 responses
   (h11 frames those as ``Content-Length: 0`` and would raise on body data);
@@ -31,6 +36,16 @@ __all__ = ["PAUSED", "ServerConnection", "ReceivedEvent", "reason_phrase"]
 #: Returned by :meth:`ServerConnection.receive_data` when h11 holds further pipelined data until
 #: the current response is complete (h11's ``PAUSED``): stop reading the socket.
 PAUSED: Final = h11.PAUSED
+
+# The strictness checks read the bytes h11 holds but has not parsed yet. h11's public
+# ``trailing_data`` copies the whole buffer on each call, which a client sending many small
+# pipelined requests or chunks in one read would turn into quadratic work; h11 0.16 keeps the
+# buffer in one bytearray that it mutates in place, which we read without copying. Should a
+# later h11 store it differently, the checks fall back to ``trailing_data`` (still correct).
+_PEEK_BUFFER: Final = isinstance(
+    getattr(getattr(h11.Connection(h11.SERVER), "_receive_buffer", None), "_data", None),
+    bytearray,
+)
 
 ReceivedEvent = h11.Request | h11.Data | h11.EndOfMessage | h11.ConnectionClosed | type[h11.PAUSED]
 
@@ -64,24 +79,35 @@ class ServerConnection:
     """
 
     __slots__ = (
-        "_conn",
-        "_config",
-        "_head_buffer",
         "_awaiting_head",
-        "_server_header",
         "_body_allowed",
-        "_bytes_left",
         "_body_bytes",
+        "_bytes_left",
+        "_chunk_line_due",
+        "_config",
+        "_conn",
+        "_footer_left",
+        "_framing",
         "_max_body",
+        "_rejected",
         "_request_body_bytes",
+        "_server_header",
+        "_trailers_due",
         "bytes_discarded",
     )
 
     def __init__(self, config: Config, server_header: tuple[bytes, bytes] | None) -> None:
         self._config = config
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.limit_request_head)
-        self._head_buffer = b""
+        # What the checks expect next among the bytes h11 has not parsed: a request head, a
+        # chunk-size line (after ``_footer_left`` bytes of the CRLF that ends a chunk), or the
+        # trailer section.
         self._awaiting_head = True
+        self._framing: int | None = None
+        self._chunk_line_due = False
+        self._footer_left = 0
+        self._trailers_due = False
+        self._rejected: RequestRejected | None = None
         self._server_header = server_header
         self._body_allowed = True
         self._bytes_left: int | None = None
@@ -102,9 +128,10 @@ class ServerConnection:
         Raises:
             RequestRejected: the request is malformed or over a limit; answer with
                 :meth:`send_rejection` and close the connection. The application must not see it.
+                Once raised, every later call raises it again.
         """
-        if self._awaiting_head and data:
-            self._check_head(data)
+        if self._rejected is not None:
+            raise self._rejected
         self._conn.receive_data(data)
         return self.next_events()
 
@@ -114,9 +141,26 @@ class ServerConnection:
         Raises:
             RequestRejected: as for :meth:`receive_data`.
         """
+        if self._rejected is not None:
+            raise self._rejected
+        try:
+            return self._next_events()
+        except RequestRejected as exc:
+            self._rejected = exc
+            raise
+
+    def _next_events(self) -> list[ReceivedEvent]:
         events: list[ReceivedEvent] = []
         conn = self._conn
+        if conn.their_state is h11.MUST_CLOSE:
+            return events  # what follows a request that ends the connection is ignored (below)
         while True:
+            if self._awaiting_head:
+                self._check_head()
+            elif self._chunk_line_due:
+                self._check_chunk_line()
+            elif self._trailers_due:
+                self._check_trailer_section(0)
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
@@ -131,37 +175,90 @@ class ServerConnection:
                     self._request_body_bytes += len(event.data)
                     if self._request_body_bytes > self._max_body:
                         raise RequestRejected(413, "request body too large")
+                if self._framing == strict.CHUNKED and event.chunk_end:
+                    self._chunk_line_due = True
+                    self._footer_left = 2
             elif type(event) is h11.Request:
                 self._on_request(event)
             elif type(event) is h11.EndOfMessage:
                 if event.headers:
                     strict.check_trailers(event.headers)
+                self._framing = None
+                self._chunk_line_due = self._trailers_due = False
+                events.append(event)
+                if conn.their_state is h11.MUST_CLOSE:
+                    # The connection ends with this request. h11 would refuse any byte after
+                    # it ("Got data when expecting EOF") before we could answer it; RFC 9112
+                    # section 9.6 lets a server that closes ignore what follows.
+                    return events
+                continue
             events.append(event)  # type: ignore[arg-type]
             if type(event) is h11.ConnectionClosed:
                 return events
 
-    def _check_head(self, data: bytes) -> None:
-        """Run the strictness checks on the raw head once it is complete (or over a limit)."""
-        buffered = self._head_buffer + data if self._head_buffer else data
+    def _unparsed(self) -> bytes | bytearray:
+        """The bytes h11 holds and has not parsed yet (no copy where h11 allows it)."""
+        if _PEEK_BUFFER:
+            return self._conn._receive_buffer._data
+        return self._conn.trailing_data[0]
+
+    def _check_head(self) -> None:
+        """Check the request head h11 holds, before h11 parses it or when it is incomplete."""
+        buffered = self._unparsed()
+        if not buffered:
+            return
+        if buffered[0] == 0x0D or buffered[0] == 0x0A:
+            # RFC 9112 section 2.2 says a server SHOULD skip such lines; h11 cannot, it refuses.
+            raise RequestRejected(400, "empty line before the request line")
         end = buffered.find(b"\r\n\r\n")
         if end < 0:
-            # Skip the empty lines RFC 9112 section 2.2 lets a server ignore before a request.
-            stripped = buffered.lstrip(b"\r\n")
-            if stripped and buffered.find(b"\n\n") >= 0:
-                raise RequestRejected(400, "bare LF line ending in request head")
-            strict.check_partial_head(stripped, self._config)
-            self._head_buffer = buffered
+            strict.check_partial_head(buffered, self._config)
             return
-        self._head_buffer = b""
+        self._framing = strict.check_head(bytes(buffered[: end + 2]), self._config)
         self._awaiting_head = False
-        strict.check_head(buffered[: end + 2].lstrip(b"\r\n"), self._config)
+
+    def _check_chunk_line(self) -> None:
+        """Check the next chunk-size line h11 holds before h11 parses it."""
+        buffered = self._unparsed()
+        footer = self._footer_left
+        if footer:
+            received = buffered[:footer]
+            if received != b"\r\n"[2 - footer :][: len(received)]:
+                raise RequestRejected(400, "chunk data not followed by CRLF")
+            # h11 discards these bytes of the footer on its next call.
+            self._footer_left = footer - len(received)
+            if len(buffered) <= footer:
+                return
+        end = buffered.find(b"\r\n", footer)
+        if end < 0:
+            return  # h11 waits for the CRLF too
+        self._chunk_line_due = False
+        if strict.check_chunk_line(buffered[footer:end]):
+            self._trailers_due = True
+            self._check_trailer_section(end + 2)
+
+    def _check_trailer_section(self, start: int) -> None:
+        """Check the trailer section h11 holds, from ``start``, before h11 parses it."""
+        buffered = self._unparsed()
+        if buffered[start : start + 2] == b"\r\n":
+            self._trailers_due = False  # no trailer fields
+            return
+        end = buffered.find(b"\r\n\r\n", start)
+        if end < 0:
+            strict.check_partial_trailers(buffered, start)
+            return
+        strict.check_trailer_section(bytes(buffered[start : end + 2]), self._config)
+        self._trailers_due = False
 
     def _on_request(self, request: h11.Request) -> None:
         strict.check_request(request)
+        framing = self._framing
+        if framing == strict.CHUNKED:
+            self._chunk_line_due = True
+            self._footer_left = 0
         if self._max_body:
             self._request_body_bytes = 0
-            length = _content_length(request.headers)
-            if length is not None and length > self._max_body:
+            if framing is not None and framing > self._max_body:
                 raise RequestRejected(413, "request body too large")
         self._body_allowed = request.method != b"HEAD"
 
@@ -179,7 +276,11 @@ class ServerConnection:
 
     def send_continue(self) -> bytes:
         """Return ``HTTP/1.1 100 Continue``; call when the app first reads the body."""
-        return self._conn.send(h11.InformationalResponse(status_code=100, headers=(), reason=b"Continue"))
+        data = self._conn.send(
+            h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+        )
+        assert data is not None
+        return data
 
     def send_response(
         self,
@@ -235,7 +336,9 @@ class ServerConnection:
                 return ()
             self._bytes_left = left - len(data)
         self._body_bytes += len(data)
-        return self._conn.send_with_data_passthrough(h11.Data(data=data))
+        pieces = self._conn.send_with_data_passthrough(h11.Data(data=data))
+        assert pieces is not None  # None only for ConnectionClosed
+        return pieces
 
     def send_file_placeholder(self, count: int) -> Sequence[object]:
         """Account for ``count`` bytes that go out by ``sendfile(2)`` (h11's passthrough hook).
@@ -248,10 +351,12 @@ class ServerConnection:
             def __len__(self) -> int:
                 return count
 
-        assert self._bytes_left is not None and count <= self._bytes_left
+        assert self._bytes_left is not None
+        assert count <= self._bytes_left
         self._bytes_left -= count
         self._body_bytes += count
         pieces = self._conn.send_with_data_passthrough(h11.Data(data=_Placeholder()))  # type: ignore[arg-type]
+        assert pieces is not None
         return [piece for piece in pieces if not isinstance(piece, _Placeholder)]
 
     def send_end(self) -> bytes | None:
@@ -292,7 +397,8 @@ class ServerConnection:
         """Reset for the next request on a keep-alive connection (h11's ``start_next_cycle``)."""
         self._conn.start_next_cycle()
         self._awaiting_head = True
-        self._head_buffer = b""
+        self._framing = None
+        self._chunk_line_due = self._trailers_due = False
         self._body_allowed = True
 
     def send_rejection(self, status: int, reason: str) -> bytes:

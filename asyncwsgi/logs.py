@@ -21,7 +21,12 @@ access_logger = logging.getLogger("asyncwsgi.access")
 TRACE = 5
 logging.addLevelName(TRACE, "TRACE")
 
-_ESCAPES = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F)}
+# C0 and C1 controls, DEL, and the other latin-1 characters that are not printable (NBSP, soft
+# hyphen): a decoded PATH_INFO is latin-1, and NEL (0x85) ends a line for ``str.splitlines()``
+# and some log viewers, as U+2028/U+2029 do for text that is not latin-1.
+_ESCAPES: dict[int, str] = {i: f"\\x{i:02x}" for i in (*range(0x20), *range(0x7F, 0xA1), 0xAD)}
+_ESCAPES[0x2028] = "\\u2028"
+_ESCAPES[0x2029] = "\\u2029"
 _ESCAPES[ord("\\")] = "\\\\"
 _ESCAPES[ord('"')] = '\\"'
 

@@ -1,22 +1,85 @@
 """Strictness checks on top of h11, where h11 0.16 is lenient.
 
 h11 parses and frames; these functions only refuse what h11 would let through and what a
-request-smuggling attack needs an ambiguity for (RFC 9112 section 11.2). Each raises
-:class:`~asyncwsgi.errors.RequestRejected` with the status to answer. Pure functions, any thread.
+request-smuggling or header-confusion attack needs an ambiguity for (RFC 9112 section 11.2).
+Each raises :class:`~asyncwsgi.errors.RequestRejected` with the status to answer. Pure functions,
+any thread.
+
+What h11 0.16 already refuses, and is therefore not checked again here: a request line that is not
+``token SP 1*VCHAR SP HTTP/DIGIT.DIGIT`` (a method with a non-token byte, a NUL, a space too
+many, ``HTTP/111``), a field name that is not a token or is followed by whitespace before the
+colon, NUL/CR/LF/space inside a field value, a Content-Length that is not ``1*DIGIT`` or a list
+of differing values, any Transfer-Encoding other than one ``chunked`` (with status 501), a chunk
+size that does not start with a hex digit or is followed by anything but ``;``, OWS or CRLF, a
+chunk not followed by CRLF (h11 0.16 fixed CVE-2025-43859), a missing or repeated Host in
+HTTP/1.1.
+
+What h11 lets through, and these checks refuse:
+
+- on the raw head (:func:`check_head`, :func:`check_partial_head`): bare LF line endings (h11
+  splits lines at ``\\n``) and bare CR; obs-fold (h11 unfolds it); control characters other than
+  HTAB in any field value (h11 allows them, RFC 9110 section 5.5 lets a recipient reject them); a
+  Content-Length with OWS inside, a list (``5, 5``) or a second Content-Length line; every
+  Transfer-Encoding problem with its RFC status (400 or 501), Transfer-Encoding with
+  Content-Length, Transfer-Encoding in HTTP/1.0; a second Content-Type; a Host value that is not
+  ``uri-host [":" port]``; and the request-line, field-count, field-size and head-size limits;
+- on the parsed request line (:func:`check_request`): CONNECT, versions other than 1.0 and 1.1,
+  target forms the method does not allow, a fragment in the target;
+- on each raw chunk-size line (:func:`check_chunk_line`): anything but ``1*HEXDIG`` followed by
+  well-formed chunk extensions (h11 takes ``;.*``, bare CR and control bytes included, and
+  trailing whitespace);
+- on the trailer section (:func:`check_trailer_section`, :func:`check_trailers`): the same line
+  checks as the head, and fields that must not be trailers (RFC 9110 section 6.5.1).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from typing import Final
 
 import h11
 
 from .config import Config
 from .errors import RequestRejected
 
-__all__ = ["check_partial_head", "check_head", "check_request", "check_trailers"]
+__all__ = [
+    "CHUNKED",
+    "check_partial_head",
+    "check_partial_trailers",
+    "check_head",
+    "check_request",
+    "check_chunk_line",
+    "check_trailer_section",
+    "check_trailers",
+]
+
+#: What :func:`check_head` returns for a request whose body is chunked.
+CHUNKED: Final = -1
 
 _DIGITS = frozenset(b"0123456789")
+_MAX_LENGTH_DIGITS = 20  # h11's limit too: up to 10**20 - 1 bytes
+
+# Control characters other than HTAB, CR and LF (CR and LF are counted separately): RFC 9110
+# section 5.5 makes them invalid in field values; h11 only refuses NUL.
+_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+# RFC 9110 section 5.6.2 token, section 5.6.4 quoted-string.
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+
+# RFC 9112 section 7.1: chunk-size [ chunk-ext ], chunk-ext = *( BWS ";" BWS chunk-ext-name
+# [ BWS "=" BWS chunk-ext-val ] ), chunk-ext-val = token / quoted-string. Nothing else, no OWS
+# at the end.
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]+)(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?)*" % (_TOKEN, _TOKEN, _QUOTED)
+)
+
+# RFC 9112 section 3.2 / RFC 3986 section 3.2.2: Host = uri-host [ ":" port ]; uri-host is an
+# IP-literal in brackets or a reg-name (IPv4 addresses are reg-names syntactically).
+_HOST = re.compile(
+    rb"(?:\[[0-9A-Za-z:.!$&'()*+,;=_~%-]+\]|[0-9A-Za-z.!$&'()*+,;=_~%-]*)(?::[0-9]*)?"
+)
 
 # RFC 9110 section 6.5.1: fields a sender must not put in trailers because they frame,
 # route or authenticate the message, or alter how its content is processed.
@@ -43,16 +106,24 @@ _FORBIDDEN_TRAILERS = frozenset(
 )
 
 
-def check_partial_head(head: bytes, config: Config) -> None:
-    """Check an incomplete request head against the request-line and head limits.
+def check_partial_head(head: bytes | bytearray, config: Config) -> None:
+    """Check a request head that has not yet ended with an empty line.
 
     Called while the head is still arriving, so that an oversized request line is refused as
-    soon as it is too long rather than after the client has sent the rest.
+    soon as it is too long rather than after the client has sent the rest, and so that h11,
+    which also ends a head at ``\\n\\n`` or ``\\n\\r\\n``, never parses a head ended by a bare LF.
+
+    Args:
+        head: the bytes received so far (no ``\\r\\n\\r\\n`` among them).
+        config: the ``limit_request_*`` values.
 
     Raises:
-        RequestRejected: 414 for a request line over ``limit_request_line`` bytes, 431 for a head
-            over ``limit_request_head`` bytes or a field line over ``limit_request_field_size``.
+        RequestRejected: 400 for a bare LF that h11 would take as the end of the head; 414 for a
+            request line over ``limit_request_line`` bytes; 431 for a head over
+            ``limit_request_head`` bytes or a field line over ``limit_request_field_size``.
     """
+    if head.find(b"\n\n") >= 0 or head.find(b"\n\r\n") >= 0:
+        raise RequestRejected(400, "bare LF line ending in request head")
     line_end = head.find(b"\r\n")
     if line_end < 0:
         if len(head) > config.max_request_line:
@@ -63,37 +134,50 @@ def check_partial_head(head: bytes, config: Config) -> None:
     if len(head) > config.limit_request_head:
         raise RequestRejected(431, "request head too large")
     last_line_start = head.rfind(b"\r\n") + 2
-    if len(head) - last_line_start > config.max_field_size:
+    if len(head) - last_line_start + 2 > config.max_field_size:
         raise RequestRejected(431, "request header field too large")
 
 
-def check_head(head: bytes, config: Config) -> None:
+def check_head(head: bytes, config: Config) -> int | None:
     """Check a complete raw request head, request line included, before h11 parses it.
 
     Args:
         head: the head from the request line up to and including the CRLF that ends the last
-            field line; empty lines before the request line already stripped.
-        config: the ``limit_request_*`` values.
+            field line (the empty line that ends the head is not included).
+        config: the ``limit_request_*`` values. A field line's size counts its CRLF, as
+            gunicorn counts it.
+
+    Returns:
+        The body framing the head declares: the Content-Length, :data:`CHUNKED`, or None when
+        it declares neither.
 
     Raises:
-        RequestRejected: 400 for a bare CR or LF line ending (RFC 9112 section 2.2), obs-fold
-            (section 5.2), a Content-Length that is not one plain decimal number, Content-Length
-            together with Transfer-Encoding, a Transfer-Encoding other than a single ``chunked``
-            (section 6.1), more than one Host (section 3.2); 414 and 431 for the limits.
+        RequestRejected: 400 for a bare CR or LF (RFC 9112 section 2.2), obs-fold (section 5.2),
+            a control character in a field value (RFC 9110 section 5.5), a Content-Length that
+            is not one plain decimal number, more than one Content-Length, Content-Type or Host,
+            a Host that is not ``uri-host [":" port]`` (RFC 9112 section 3.2), Transfer-Encoding
+            with Content-Length or in HTTP/1.0, ``chunked`` applied twice or not last (sections
+            6.1, 6.3); 501 for a transfer coding other than ``chunked`` before a final
+            ``chunked`` (section 6.1); 414 and 431 for the limits.
     """
+    crlf = head.count(b"\r\n")
+    # A bare CR or LF would make some peer see a different message than we do.
+    if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
+        raise RequestRejected(400, "bare CR or LF in request head")
+    if _CTL.search(head) is not None:
+        raise RequestRejected(400, "control character in request head")
     lines = head.split(b"\r\n")
     lines.pop()  # the empty string after the final CRLF
-    # A bare CR or LF would make some peer see a different message than we do.
-    if head.count(b"\n") != len(lines) or head.count(b"\r") != len(lines):
-        raise RequestRejected(400, "bare CR or LF in request head")
     if len(lines[0]) > config.max_request_line:
         raise RequestRejected(414, "request line too long")
     if len(lines) - 1 > config.limit_request_fields:
         raise RequestRejected(431, "too many header fields")
     if len(head) > config.limit_request_head:
         raise RequestRejected(431, "request head too large")
-    max_field = config.max_field_size
-    content_length = transfer_encoding = host = 0
+    max_field = config.max_field_size - 2  # the CRLF counts
+    content_length: bytes | None = None
+    codings: list[bytes] | None = None
+    hosts = content_types = 0
     for line in lines[1:]:
         if len(line) > max_field:
             raise RequestRejected(431, "request header field too large")
@@ -103,49 +187,77 @@ def check_head(head: bytes, config: Config) -> None:
         # Only the framing and routing fields need more than h11 checks.
         if first not in b"CcTtHh":
             continue
-        name, sep, value = line.partition(b":")
-        lname = name.lower()
-        if lname == b"content-length":
-            content_length += 1
-            value = value.strip(b" \t")
-            if not value or not _DIGITS.issuperset(value):
+        name, _, value = line.partition(b":")
+        name = name.lower()
+        if name == b"content-length":
+            if content_length is not None:
+                raise RequestRejected(400, "more than one Content-Length")
+            content_length = value.strip(b" \t")
+            if (
+                not content_length
+                or len(content_length) > _MAX_LENGTH_DIGITS
+                or not _DIGITS.issuperset(content_length)
+            ):
                 raise RequestRejected(400, "malformed Content-Length")
-        elif lname == b"transfer-encoding":
-            transfer_encoding += 1
-            if value.strip(b" \t").lower() != b"chunked":
-                raise RequestRejected(400, "unsupported Transfer-Encoding")
-        elif lname == b"host":
-            host += 1
-    if content_length > 1:
-        raise RequestRejected(400, "more than one Content-Length")
-    if transfer_encoding:
-        if transfer_encoding > 1:
-            raise RequestRejected(400, "more than one Transfer-Encoding")
-        if content_length:
-            raise RequestRejected(400, "both Content-Length and Transfer-Encoding")
-        if lines[0].endswith(b" HTTP/1.0"):
-            raise RequestRejected(400, "Transfer-Encoding in an HTTP/1.0 request")
-    if host > 1:
+        elif name == b"transfer-encoding":
+            if codings is None:
+                codings = []
+            codings.extend(coding.strip(b" \t").lower() for coding in value.split(b","))
+        elif name == b"host":
+            hosts += 1
+            if _HOST.fullmatch(value.strip(b" \t")) is None:
+                raise RequestRejected(400, "malformed Host")
+        elif name == b"content-type":
+            content_types += 1
+    if hosts > 1:
         raise RequestRejected(400, "more than one Host")
+    if content_types > 1:
+        raise RequestRejected(400, "more than one Content-Type")
+    if codings is not None:
+        _check_transfer_encoding(codings, content_length is not None, lines[0])
+        return CHUNKED
+    return None if content_length is None else int(content_length)
+
+
+def _check_transfer_encoding(
+    codings: list[bytes], content_length: bool, request_line: bytes
+) -> None:
+    """Accept only a lone ``chunked``; answer the rest with the status RFC 9112 asks for."""
+    if content_length:
+        # Section 6.3 item 3: the classic request-smuggling ambiguity.
+        raise RequestRejected(400, "both Content-Length and Transfer-Encoding")
+    if request_line.endswith(b" HTTP/1.0"):
+        # Section 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+        raise RequestRejected(400, "Transfer-Encoding in an HTTP/1.0 request")
+    if codings.count(b"chunked") > 1:
+        raise RequestRejected(400, "chunked transfer coding applied more than once")
+    if codings[-1] != b"chunked":
+        # Section 6.3 item 4: the body length cannot be determined.
+        raise RequestRejected(400, "chunked is not the final transfer coding")
+    if len(codings) > 1:
+        raise RequestRejected(501, "unsupported transfer coding")
 
 
 def check_request(request: h11.Request) -> None:
-    """Check the parsed request line: version, and a target form the method allows.
+    """Check the parsed request line: method, version, and a target form the method allows.
 
     Raises:
-        RequestRejected: 505 for an HTTP version other than 1.0 and 1.1; 501 for CONNECT, which
-            a WSGI server does not tunnel; 400 for a target that is neither origin-form nor
-            absolute-form, or ``*`` with a method other than OPTIONS (RFC 9112 section 3.2).
+        RequestRejected: 501 for CONNECT, which a WSGI server does not tunnel; 505 for an HTTP
+            version other than 1.0 and 1.1; 400 for a target that is neither origin-form nor
+            absolute-form, ``*`` with a method other than OPTIONS (RFC 9112 section 3.2), or a
+            target with a fragment (``#`` is not part of any request-target form).
     """
+    method = request.method
+    if method == b"CONNECT":
+        raise RequestRejected(501, "CONNECT is not supported")
     version = request.http_version
     if version != b"1.1" and version != b"1.0":
         raise RequestRejected(505, "HTTP version not supported")
     target = request.target
+    if b"#" in target:
+        raise RequestRejected(400, "fragment in request target")
     if target[:1] == b"/":
         return
-    method = request.method
-    if method == b"CONNECT":
-        raise RequestRejected(501, "CONNECT is not supported")
     if target == b"*":
         if method != b"OPTIONS":
             raise RequestRejected(400, "asterisk-form target is only allowed with OPTIONS")
@@ -154,6 +266,63 @@ def check_request(request: h11.Request) -> None:
     if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
         return
     raise RequestRejected(400, "invalid request target")
+
+
+def check_chunk_line(line: bytes | bytearray) -> bool:
+    """Check one chunk-size line, without its CRLF, before h11 parses it.
+
+    Returns:
+        True for the last chunk (size 0), after which the trailer section follows.
+
+    Raises:
+        RequestRejected: 400 for anything but ``1*HEXDIG`` followed by well-formed chunk
+            extensions (RFC 9112 section 7.1): a sign, ``0x``, ``_``, whitespace around the
+            size, a bare CR or another control character, a malformed extension.
+    """
+    match = _CHUNK_LINE.fullmatch(line)
+    if match is None:
+        raise RequestRejected(400, "malformed chunk size line")
+    return not match.group(1).strip(b"0")
+
+
+def check_partial_trailers(buffered: bytes | bytearray, start: int) -> None:
+    """Check a trailer section, from ``start`` in ``buffered``, that has not ended yet.
+
+    Raises:
+        RequestRejected: 400 for a bare LF that h11 would take as the end of the section.
+    """
+    if (
+        buffered[start : start + 1] == b"\n"
+        or buffered.find(b"\n\n", start) >= 0
+        or buffered.find(b"\n\r\n", start) >= 0
+    ):
+        raise RequestRejected(400, "bare LF line ending in trailer section")
+
+
+def check_trailer_section(section: bytes, config: Config) -> None:
+    """Check a complete raw trailer section before h11 parses it.
+
+    Args:
+        section: the field lines, each with its CRLF, without the empty line that ends them.
+        config: the field-count and field-size limits apply to trailers as to the head.
+
+    Raises:
+        RequestRejected: 400 for a bare CR or LF, obs-fold or a control character; 431 for the
+            limits.
+    """
+    crlf = section.count(b"\r\n")
+    if section.count(b"\n") != crlf or section.count(b"\r") != crlf:
+        raise RequestRejected(400, "bare CR or LF in trailer section")
+    if _CTL.search(section) is not None:
+        raise RequestRejected(400, "control character in trailer section")
+    if crlf > config.limit_request_fields:
+        raise RequestRejected(431, "too many trailer fields")
+    max_field = config.max_field_size - 2
+    for line in section.split(b"\r\n"):
+        if len(line) > max_field:
+            raise RequestRejected(431, "trailer field too large")
+        if line[:1] == b" " or line[:1] == b"\t":
+            raise RequestRejected(400, "obsolete line folding in trailer section")
 
 
 def check_trailers(headers: Iterable[tuple[bytes, bytes]]) -> None:
