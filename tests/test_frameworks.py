@@ -132,6 +132,30 @@ async def test_flask_json_post() -> None:
     assert json.loads(response.request.content) == payload
 
 
+async def test_flask_large_and_chunked_json_posts() -> None:
+    """A multi-megabyte body, and a chunked one without Content-Length (wsgi.input_terminated)."""
+    numbers = list(range(400_000))
+    body = json.dumps({"numbers": numbers}).encode()
+    assert len(body) > 2 * MiB
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 100_000):
+            yield body[start : start + 100_000]
+
+    async with serving(flask_app.app) as (_, client):
+        large = await client.post(
+            "/json", content=body, headers={"content-type": "application/json"}
+        )
+        chunked = await client.post(
+            "/json", content=chunks(), headers={"content-type": "application/json"}
+        )
+    assert large.json()["total"] == sum(numbers)
+    assert large.json()["content_length"] == len(body)
+    assert chunked.request.headers["transfer-encoding"] == "chunked"
+    assert chunked.json()["total"] == sum(numbers)
+    assert chunked.json()["content_length"] is None
+
+
 async def test_flask_concurrent_json_posts_each_get_their_answer() -> None:
     async with serving(flask_app.app, threads=4) as (_, client):
         responses = await asyncio.gather(
