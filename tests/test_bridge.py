@@ -21,6 +21,9 @@ from asyncwsgi.errors import ClientDisconnected
 from asyncwsgi.filewrapper import FileWrapper
 
 TIMEOUT = 10.0
+#: The sink's and the body's own timeout: longer than a test waits, so that a lost wake-up fails
+#: the test (the worker is still blocked) instead of ending in a timeout error that looks alike.
+PATIENCE = 60.0
 HEAD: Head = (200, b"OK", [(b"Content-Type", b"text/plain")])
 
 
@@ -116,7 +119,7 @@ class Worker:
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="test-worker")
+        self.thread = threading.Thread(target=self._run, name="test-worker", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
@@ -174,7 +177,7 @@ class Target:
 
 
 def make_sink(
-    loop: FakeLoop, target: Target, high_water: int = 100, timeout: float = TIMEOUT
+    loop: FakeLoop, target: Target, high_water: int = 100, timeout: float = PATIENCE
 ) -> tuple[ResponseSink, SpyEvent]:
     sink = ResponseSink(loop.call_soon_threadsafe, target, high_water, timeout, True)
     spy = SpyEvent()
@@ -187,7 +190,7 @@ def make_body(
     target: Target,
     high_water: int = 1000,
     expect_continue: bool = False,
-    timeout: float = TIMEOUT,
+    timeout: float = PATIENCE,
 ) -> tuple[RequestBody, SpyCondition]:
     body = RequestBody(loop.call_soon_threadsafe, target, high_water, expect_continue, timeout)
     spy = SpyCondition()
@@ -291,7 +294,7 @@ def test_disconnect_wakes_a_blocked_worker(loop: FakeLoop, target: Target) -> No
     worker = Worker(lambda: sink.send(HEAD, [b"x" * 100], 100, False))
     spy.wait_entered()
     sink.disconnect()
-    with pytest.raises(ClientDisconnected):
+    with pytest.raises(ClientDisconnected, match="client disconnected"):
         worker.join()
 
 
@@ -301,7 +304,7 @@ def test_disconnect_wakes_a_worker_blocked_by_pause(loop: FakeLoop, target: Targ
     worker = Worker(lambda: sink.send(HEAD, [b"x"], 1, False))
     spy.wait_entered()
     sink.disconnect()
-    with pytest.raises(ClientDisconnected):
+    with pytest.raises(ClientDisconnected, match="client disconnected"):
         worker.join()
 
 
@@ -346,7 +349,7 @@ def test_many_chunks_through_a_small_window(loop: FakeLoop) -> None:
             if end:
                 done.set()
 
-    sink = ResponseSink(loop.call_soon_threadsafe, Writing(), 128, TIMEOUT, False)
+    sink = ResponseSink(loop.call_soon_threadsafe, Writing(), 128, PATIENCE, False)
 
     def produce() -> None:
         sink.send(HEAD, [b"%063d" % 0], 63, False)

@@ -144,6 +144,12 @@ def test_no_sendfile_for_a_pipe() -> None:
         assert FileWrapper(reader).sendfile_range() is None
 
 
+def test_no_sendfile_for_a_character_device() -> None:
+    with open(os.devnull, "rb") as device:  # seekable, tell() works, but not a regular file
+        assert device.tell() == 0
+        assert FileWrapper(device).sendfile_range() is None
+
+
 @pytest.mark.parametrize("fileno", [-1, "3", None])
 def test_no_sendfile_for_a_bad_fileno(fileno: object) -> None:
     class Fake:

@@ -112,7 +112,7 @@ def run(app: App, sink: FakeSink, environ: dict[str, Any] | None = None) -> None
         except BaseException as exc:  # run_wsgi must not raise: fail the test if it does
             errors.append(exc)
 
-    thread = threading.Thread(target=target, name="test-run-wsgi")
+    thread = threading.Thread(target=target, name="test-run-wsgi", daemon=True)
     thread.start()
     thread.join(TIMEOUT)
     assert not thread.is_alive(), "run_wsgi did not return"
@@ -597,8 +597,7 @@ def test_error_before_the_head_on_a_disconnected_client_sends_nothing(
         raise RuntimeError("boom")
 
     run(app, sink)
-    assert sink.sends == []
-    assert sink.aborts == 0
+    assert sink.calls == []  # not even an attempt to send the 500
     assert len(errors()) == 1
 
 
@@ -615,7 +614,7 @@ def test_base_exception_is_handled_then_reraised() -> None:
         except KeyboardInterrupt as exc:
             raised.append(exc)
 
-    thread = threading.Thread(target=target, name="test-run-wsgi")
+    thread = threading.Thread(target=target, name="test-run-wsgi", daemon=True)
     thread.start()
     thread.join(TIMEOUT)
     assert not thread.is_alive()
