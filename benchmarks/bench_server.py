@@ -1044,6 +1044,7 @@ class Options:
     quick: bool
     install: bool
     reinstall: bool
+    render: str | None = None
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -1079,6 +1080,11 @@ def parse_args(argv: Sequence[str]) -> Options:
         "--output", help="results/NAME.{md,json}; default latest, or quick with --quick"
     )
     parser.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
+    parser.add_argument(
+        "--render",
+        metavar="NAME",
+        help="measure nothing: render results/NAME.json again into NAME.md and the charts",
+    )
     parser.add_argument("--no-install", action="store_true", help="use the venv as it is")
     parser.add_argument("--reinstall", action="store_true", help="pip install everything again")
     args = parser.parse_args(argv)
@@ -1115,6 +1121,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         quick=args.quick,
         install=not args.no_install,
         reinstall=args.reinstall,
+        render=args.render,
     )
 
 
@@ -1382,9 +1389,23 @@ class Report:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
         self.started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        self.revision = git_revision()
         self.results: list[RunResult] = []
         self.machine = machine_info()
         self.versions = collect_versions(opts.servers)
+
+    @classmethod
+    def load(cls, path: Path) -> Report:
+        """Rebuild a report from its JSON file, to render it again without re-measuring."""
+        data = json.loads(path.read_text())
+        report = cls.__new__(cls)
+        report.opts = Options(**data["options"])
+        report.started = data["started"]
+        report.revision = data["revision"]
+        report.results = [RunResult(**run) for run in data["runs"]]
+        report.machine = data["machine"]
+        report.versions = data["versions"]
+        return report
 
     def add(self, result: RunResult) -> None:
         self.results.append(result)
@@ -1409,7 +1430,7 @@ class Report:
         lines = [
             "# asyncwsgi server benchmarks",
             "",
-            f"Run {self.started} at revision `{git_revision()}`: {mode}; "
+            f"Run {self.started} at revision `{self.revision}`: {mode}; "
             f"{o.rounds} round(s) of {o.duration} s (after {o.warmup} s warm-up), "
             f"wrk -t1 -c{o.connections}; server on core {o.server_cpu}, "
             f"wrk on core {o.client_cpu}.",
@@ -1581,7 +1602,7 @@ class Report:
     def as_json(self) -> dict[str, Any]:
         return {
             "started": self.started,
-            "revision": git_revision(),
+            "revision": self.revision,
             "machine": self.machine,
             "versions": self.versions,
             "options": dataclasses.asdict(self.opts),
@@ -1676,10 +1697,26 @@ def pin_self(opts: Options) -> None:
             os.sched_setaffinity(0, {int(opts.client_cpu.split(",")[0])})
 
 
+def render_again(name: str, charts: bool) -> int:
+    path = RESULTS_DIR / f"{name}.json"
+    try:
+        report = Report.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log(f"cannot load {path}: {exc}")
+        return 1
+    report.write()
+    if charts:
+        report.charts()
+    print(report.markdown())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)
     reexec_in_venv(opts, argv)
+    if opts.render:
+        return render_again(opts.render, charts=opts.charts)
     ensure_system_tools(need_nginx="nginx" in opts.servers)
     if shutil.which("wrk") is None:
         log("wrk is not installed and could not be installed (apt-get install wrk)")
