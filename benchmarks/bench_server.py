@@ -990,6 +990,7 @@ def measure_with_helpers(
     result.errors += baseline.errors
     result.socket_errors += baseline.socket_errors
     result.bad_responses += baseline.bad_responses
+    result.noise_pct = baseline.noise_pct
     held = ready["open_now"]
     extra = {
         "rps_without": baseline.rps,
