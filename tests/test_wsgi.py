@@ -20,9 +20,11 @@ import h11
 import pytest
 
 from asyncwsgi.bridge import EMPTY_BODY, Head
+from asyncwsgi.config import Config
 from asyncwsgi.environ import build_environ, connection_environ
 from asyncwsgi.errors import ClientDisconnected
 from asyncwsgi.filewrapper import FileWrapper
+from asyncwsgi.http11 import ServerConnection
 from asyncwsgi.wsgi import run_wsgi
 
 App = Callable[[dict[str, Any], Any], Iterable[bytes]]
@@ -306,6 +308,24 @@ def test_write_callable_sends_the_head_first(errors: Callable[[], list[logging.L
     assert sink.ended
 
 
+def test_first_write_sends_the_head_even_when_empty() -> None:
+    """PEP 3333: the head goes out "upon the application's first invocation of write()"."""
+    sink = FakeSink()
+    seen: list[int] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        write = start_response("200 OK", [("Content-Type", "text/event-stream")])
+        write(b"")  # flush the head now: the client learns the status before any event
+        seen.append(len(sink.sends))
+        return []
+
+    run(app, sink)
+    assert seen == [1]
+    assert sink.head == (200, b"OK", [(b"Content-Type", b"text/event-stream")])
+    assert sink.body == b""
+    assert sink.ended
+
+
 def test_write_callable_with_an_unwrapped_app() -> None:
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         write = start_response("200 OK", [])
@@ -392,6 +412,45 @@ def test_invalid_start_response_gives_500_and_one_logged_error(
             assert b"\n" not in name + value
     assert len(errors()) == 1
     assert errors()[0].exc_info is not None
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        pytest.param("100 Continue", [], id="status-100"),
+        pytest.param("101 Switching Protocols", [], id="status-101"),
+        pytest.param("199 Informational", [], id="status-199"),
+        pytest.param("200 OK", [("X-A", " leading space")], id="value-leading-space"),
+        pytest.param("200 OK", [("X-A", "trailing space ")], id="value-trailing-space"),
+        pytest.param("200 OK", [("X-A", "\ttab")], id="value-leading-tab"),
+        pytest.param("200 OK", [("Content-Length", "abc")], id="content-length-not-a-number"),
+        pytest.param("200 OK", [("Content-Length", "-1")], id="content-length-negative"),
+        pytest.param(
+            "200 OK", [("Content-Length", "1"), ("Content-Length", "2")], id="content-length-twice"
+        ),
+    ],
+)
+def test_every_head_handed_over_can_be_serialised(
+    status: str, headers: list[tuple[str, str]], errors: Callable[[], list[logging.LogRecord]]
+) -> None:
+    """A head ``run_wsgi`` lets through must be one the HTTP/1.1 layer can send.
+
+    Otherwise the connection is cut with no response at all where the application deserved a
+    500 (or a normalised head): "a bad one is a 500" is the promise of :mod:`asyncwsgi.wsgi`.
+    """
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response(status, headers)
+        return [b"x"]
+
+    sink = FakeSink()
+    run(app, sink)
+    code, reason, encoded = sink.head
+    conn = ServerConnection(Config(), None)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.send_response(code, reason, list(encoded), None, len(sink.body))
+    if code == 500:
+        assert len(errors()) == 1
 
 
 def test_valid_statuses_and_headers_are_encoded_as_latin1() -> None:
