@@ -10,10 +10,19 @@ from types import TracebackType
 from typing import TypeAlias
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["ExcInfo", "StartResponse", "WSGIApplication", "WSGIEnvironment", "Address"]
+__all__ = [
+    "ExcInfo",
+    "OptExcInfo",
+    "StartResponse",
+    "WSGIApplication",
+    "WSGIEnvironment",
+    "Address",
+]
 
-#: ``sys.exc_info()`` of a raised exception.
-ExcInfo: TypeAlias = tuple[type[BaseException], BaseException, TracebackType | None]
+#: ``sys.exc_info()`` while an exception is being handled.
+ExcInfo: TypeAlias = tuple[type[BaseException], BaseException, TracebackType]
+#: ``sys.exc_info()`` in general: all None outside an ``except`` block.
+OptExcInfo: TypeAlias = ExcInfo | tuple[None, None, None]
 
 #: A socket address as asyncio reports it: (host, port) for IPv4, a 4-tuple for IPv6, a str path.
 Address: TypeAlias = tuple[str, int] | tuple[str, int, int, int] | str

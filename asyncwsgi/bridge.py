@@ -67,17 +67,17 @@ class ResponseSink:
 
     __slots__ = (
         "_call",
-        "_target",
         "_high_water",
-        "_timeout",
         "_ready",
+        "_target",
+        "_timeout",
         "_waiting",
-        "handed",
-        "done",
-        "paused",
-        "disconnected",
         "can_sendfile",
+        "disconnected",
+        "done",
+        "handed",
         "head_sent",
+        "paused",
     )
 
     def __init__(
@@ -151,12 +151,13 @@ class ResponseSink:
         while not self.disconnected and (self.paused or self.handed - self.done > self._high_water):
             self._waiting = True
             ready.clear()
-            if not self.disconnected and (
-                self.paused or self.handed - self.done > self._high_water
+            if (
+                not self.disconnected
+                and (self.paused or self.handed - self.done > self._high_water)
+                and not ready.wait(self._timeout)
             ):
-                if not ready.wait(self._timeout):
-                    self._waiting = False
-                    raise ClientDisconnected(f"client read nothing for {self._timeout:g} s")
+                self._waiting = False
+                raise ClientDisconnected(f"client read nothing for {self._timeout:g} s")
             self._waiting = False
         if self.disconnected:
             raise ClientDisconnected("client disconnected")
@@ -193,7 +194,7 @@ class BodyTarget(Protocol):
 
 
 class RequestBody:
-    """``wsgi.input`` for a request body that is still arriving (PEP 3333 "Input and Error Streams").
+    """``wsgi.input`` for a body still arriving (PEP 3333 "Input and Error Streams").
 
     The loop calls :meth:`feed`, :meth:`feed_eof` and :meth:`disconnect`; the worker calls
     ``read``, ``readline``, ``readlines`` and iterates. Reads block until enough data has arrived
@@ -210,15 +211,15 @@ class RequestBody:
     """
 
     __slots__ = (
-        "_call",
-        "_target",
-        "_high_water",
-        "_continue",
-        "_timeout",
-        "_cond",
         "_buffer",
+        "_call",
+        "_cond",
+        "_continue",
         "_eof",
         "_error",
+        "_high_water",
+        "_target",
+        "_timeout",
         "reading_paused",
     )
 

@@ -88,14 +88,14 @@ class _Cycle:
     """One request/response exchange on a connection. Loop thread only."""
 
     __slots__ = (
-        "request",
-        "chunks",
         "body",
         "body_complete",
+        "chunks",
+        "file_sender",
+        "request",
         "sink",
         "started",
         "status",
-        "file_sender",
     )
 
     def __init__(self, request: h11.Request, started: float) -> None:
@@ -482,7 +482,7 @@ class HTTPChannel(asyncio.Protocol):
                 cycle.body.disconnect("invalid request body")
             if cycle.sink is not None:
                 cycle.sink.disconnect()
-        data = self.conn.send_rejection(exc.status, exc.reason)
+        data = self.conn.send_rejection(exc.status, exc.reason, self.state.date_header)
         if data and self.transport is not None and not self.closing:
             self.transport.write(data)
         self.close()
@@ -540,7 +540,7 @@ class _FileSender:
     This works the same under uvloop and asyncio.
     """
 
-    __slots__ = ("channel", "wrapper", "offset", "left", "_dup", "_in_fd", "_out_fd", "done")
+    __slots__ = ("_dup", "_in_fd", "_out_fd", "channel", "done", "left", "offset", "wrapper")
 
     def __init__(self, channel: HTTPChannel, wrapper: FileWrapper, offset: int, count: int) -> None:
         self.channel = channel

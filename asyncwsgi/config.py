@@ -150,6 +150,8 @@ class Config:
         for name in ("write_high_water", "read_high_water"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 byte")
+        if self.fd is not None and self.fd < 0:
+            raise ConfigError(f"fd must not be negative, got {self.fd}")
         for spec in self.bind:
             parse_bind(spec)
 
@@ -207,9 +209,12 @@ def parse_bind(spec: str) -> BindSpec:
         return BindSpec(kind="unix", path=path)
     if spec.startswith("fd://"):
         try:
-            return BindSpec(kind="fd", fd=int(spec[5:]))
+            fd = int(spec[5:])
         except ValueError:
             raise ConfigError(f"bad file descriptor in bind {spec!r}") from None
+        if fd < 0:
+            raise ConfigError(f"negative file descriptor in bind {spec!r}")
+        return BindSpec(kind="fd", fd=fd)
     host, port_text = spec, "8000"
     if spec.startswith("["):
         end = spec.find("]")
@@ -222,6 +227,8 @@ def parse_bind(spec: str) -> BindSpec:
             port_text = rest[1:]
     elif ":" in spec:
         host, _, port_text = spec.rpartition(":")
+        if ":" in host:
+            raise ConfigError(f"an IPv6 address needs brackets, as [::1]:8000, in bind {spec!r}")
     try:
         port = int(port_text)
     except ValueError:

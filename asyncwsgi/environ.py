@@ -109,12 +109,13 @@ def build_environ(base: dict[str, Any], request: h11.Request, body: object) -> W
         if target == b"*":
             target = b"*"
         else:  # absolute-form: http://host[:port]/path?query (RFC 9112 section 3.2.2)
-            slash = target.find(b"/", target.find(b"//") + 2)
-            target = target[slash:] if slash >= 0 else b"/"
+            start = target.find(b"//") + 2
+            mark = target.find(b"?", start)
+            end = mark if mark >= 0 else len(target)
+            slash = target.find(b"/", start, end)
+            target = target[slash:] if slash >= 0 else b"/" + target[end:]
     path, _, query = target.partition(b"?")
-    path_info = (
-        unquote_to_bytes(path).decode("latin-1") if b"%" in path else path.decode("latin-1")
-    )
+    path_info = unquote_to_bytes(path).decode("latin-1") if b"%" in path else path.decode("latin-1")
     script_name = environ["SCRIPT_NAME"]
     if script_name and (path_info == script_name or path_info.startswith(script_name + "/")):
         path_info = path_info[len(script_name) :]

@@ -59,7 +59,9 @@ def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[byt
             digest.update(chunk)
             size += len(chunk)
         body = f"received {size} bytes, sha256 {digest.hexdigest()}\n".encode()
-        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        start_response(
+            "200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
+        )
         return [body]
     body = b"Not Found\n"
     start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "10")])

@@ -30,7 +30,7 @@ class FileWrapper:
     Any thread.
     """
 
-    __slots__ = ("filelike", "block_size")
+    __slots__ = ("block_size", "filelike")
 
     def __init__(self, filelike: IO[bytes] | Any, block_size: int = 64 * 1024) -> None:
         self.filelike = filelike

@@ -401,7 +401,9 @@ class ServerConnection:
         self._chunk_line_due = self._trailers_due = False
         self._body_allowed = True
 
-    def send_rejection(self, status: int, reason: str) -> bytes:
+    def send_rejection(
+        self, status: int, reason: str, date_header: tuple[bytes, bytes] | None = None
+    ) -> bytes:
         """Return a complete ``Connection: close`` error response for a rejected request.
 
         Returns ``b""`` when a response is already under way (then only closing is left).
@@ -412,6 +414,8 @@ class ServerConnection:
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
         ]
+        if date_header is not None:
+            headers.append(date_header)
         if self._server_header is not None:
             headers.append(self._server_header)
         if self._conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):

@@ -337,7 +337,9 @@ async def _main(app: WSGIApplication, config: Config, sockets: list[socket.socke
             error_logger.info("Received %s, shutting down", signal.Signals(signum).name)
             stop.set()
         else:
-            error_logger.info("Received %s again, closing connections now", signal.Signals(signum).name)
+            error_logger.info(
+                "Received %s again, closing connections now", signal.Signals(signum).name
+            )
             for channel in list(server.state.channels):
                 channel.abort()
 

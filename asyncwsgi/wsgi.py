@@ -10,6 +10,7 @@ it with a fake sink in a plain thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
@@ -21,7 +22,7 @@ from .errors import ClientDisconnected
 from .filewrapper import FileWrapper
 
 if TYPE_CHECKING:
-    from ._types import ExcInfo, WSGIApplication, WSGIEnvironment
+    from ._types import OptExcInfo, WSGIApplication, WSGIEnvironment
     from .bridge import Head
 
 __all__ = ["run_wsgi", "Sink", "HOP_BY_HOP", "ResponseError"]
@@ -43,7 +44,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-_STATUS_RE = re.compile(r"[1-9][0-9][0-9](?: [^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
+# A final status (2xx-5xx; 1xx are the server's business) and an optional reason phrase.
+_STATUS_RE = re.compile(r"[2-5][0-9][0-9](?: [^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _VALUE_RE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*\Z")
 _NAME_CACHE: dict[str, bytes] = {}
@@ -80,6 +82,7 @@ def _encode_head(status: object, headers: object) -> Head:
         raise ResponseError(f"headers must be a list, got {type(headers).__name__}")
     encoded: list[tuple[bytes, bytes]] = []
     append = encoded.append
+    length_seen = False
     for item in headers:
         if type(item) is not tuple or len(item) != 2:
             raise ResponseError(f"header must be a (name, value) tuple, got {item!r}")
@@ -96,9 +99,15 @@ def _encode_head(status: object, headers: object) -> Head:
         if type(value) is not str or not _VALUE_RE.match(value):
             raise ResponseError(f"invalid value for header {name!r}: {value!r}")
         try:
-            append((raw_name, value.encode("latin-1")))
+            # RFC 9110 section 5.5: surrounding whitespace is not part of a field value.
+            raw_value = value.strip(" \t").encode("latin-1")
         except UnicodeEncodeError:
             raise ResponseError(f"header {name!r} value is not latin-1") from None
+        if raw_name.lower() == b"content-length":
+            if not raw_value.isdigit() or length_seen:
+                raise ResponseError(f"invalid or repeated Content-Length {value!r}")
+            length_seen = True
+        append((raw_name, raw_value))
     reason = status[4:].encode("latin-1", "replace")
     return int(status[:3]), reason, encoded
 
@@ -106,7 +115,7 @@ def _encode_head(status: object, headers: object) -> Head:
 class _Response:
     """``start_response`` and ``write`` for one request. Worker thread only."""
 
-    __slots__ = ("sink", "head", "head_sent")
+    __slots__ = ("head", "head_sent", "sink")
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
@@ -114,7 +123,11 @@ class _Response:
         self.head_sent = False
 
     def start_response(
-        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+        self,
+        status: str,
+        headers: list[tuple[str, str]],
+        exc_info: OptExcInfo | None = None,
+        /,
     ) -> Callable[[bytes], object]:
         """PEP 3333 ``start_response``: validate and store the head; return ``write``.
 
@@ -122,10 +135,10 @@ class _Response:
             ResponseError: a second call without ``exc_info``, or an invalid status or header.
             BaseException: with ``exc_info`` once the head has been sent, that exception again.
         """
-        if exc_info is not None:
+        if exc_info is not None and exc_info[1] is not None:
             try:
                 if self.head_sent:
-                    raise exc_info[1].with_traceback(exc_info[2])  # type: ignore[union-attr]
+                    raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None
         elif self.head is not None:
@@ -151,12 +164,12 @@ class _Response:
             if not isinstance(data, bytes):
                 raise TypeError(f"response body chunks must be bytes, got {type(data).__name__}")
             data = bytes(data)
-        if not data:
-            return
         if self.head_sent:
-            self.sink.send(None, [data], len(data), False)
+            if data:
+                self.sink.send(None, [data], len(data), False)
         else:
-            self.sink.send(self.take_head(), [data], len(data), False)
+            # The first write() sends the head even when empty (PEP 3333 "The write() Callable").
+            self.sink.send(self.take_head(), [data] if data else [], len(data), False)
 
 
 def run_wsgi(app: WSGIApplication, environ: WSGIEnvironment, sink: Sink) -> None:
@@ -178,9 +191,8 @@ def run_wsgi(app: WSGIApplication, environ: WSGIEnvironment, sink: Sink) -> None
         result = app(environ, response.start_response)
         if type(result) is list or type(result) is tuple:
             _send_sequence(response, result)
-        elif type(result) is FileWrapper and sink.can_sendfile:
-            if _send_file(response, result):
-                result = None  # the loop owns the file now and has it closed in a worker
+        elif type(result) is FileWrapper and sink.can_sendfile and _send_file(response, result):
+            result = None  # the loop owns the file now and has it closed in a worker
         else:
             _send_iterable(response, result)
     except ClientDisconnected:
@@ -222,7 +234,8 @@ def _send_iterable(response: _Response, result: Iterable[bytes]) -> None:
     """Send each chunk as the app yields it: a block is never held back (PEP 3333 "Buffering")."""
     write = response.write
     for chunk in result:
-        write(chunk)
+        if chunk or type(chunk) is not bytes:  # an empty block does not send the head
+            write(chunk)
     if response.head_sent:
         response.sink.send(None, [], 0, True)
     else:
@@ -242,7 +255,7 @@ def _send_file(response: _Response, wrapper: FileWrapper) -> bool:
     return True
 
 
-def _fail(response: _Response, environ: WSGIEnvironment, exc_info: ExcInfo) -> None:
+def _fail(response: _Response, environ: WSGIEnvironment, exc_info: OptExcInfo) -> None:
     """Answer 500 if the head has not gone out, else abort the connection; log once."""
     logger.error("Error handling request %s", _path(environ), exc_info=exc_info)
     sink = response.sink
@@ -253,17 +266,15 @@ def _fail(response: _Response, environ: WSGIEnvironment, exc_info: ExcInfo) -> N
         return
     body = _SERVER_ERROR_BODY
     if environ.get("asyncwsgi.expose_tracebacks"):
-        body += "".join(traceback.format_exception(*exc_info)).encode("utf-8", "replace")
+        body += "".join(traceback.format_exception(exc_info[1])).encode("utf-8", "replace")
     head: Head = (
         500,
         b"Internal Server Error",
         [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")],
     )
     response.head_sent = True
-    try:
+    with contextlib.suppress(ClientDisconnected):
         sink.send(head, [body], len(body), True)
-    except ClientDisconnected:
-        pass
 
 
 def _path(environ: WSGIEnvironment) -> str:
