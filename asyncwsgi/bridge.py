@@ -16,7 +16,10 @@ only ask the loop, through ``loop.call_soon_threadsafe``, to act.
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,10 +28,96 @@ from .errors import ClientDisconnected
 if TYPE_CHECKING:
     from .filewrapper import FileWrapper
 
-__all__ = ["Head", "ResponseSink", "ResponseTarget", "RequestBody", "BodyTarget", "EMPTY_BODY"]
+__all__ = [
+    "Head",
+    "WorkerPool",
+    "ResponseSink",
+    "ResponseTarget",
+    "RequestBody",
+    "BodyTarget",
+    "EMPTY_BODY",
+]
+
+logger = logging.getLogger("asyncwsgi.error")
 
 #: A validated response head: (status code, reason phrase, [(name, value), ...]), latin-1 bytes.
 Head = tuple[int, bytes, list[tuple[bytes, bytes]]]
+
+
+class WorkerPool:
+    """The threads that run the application: loop → thread, one queue put per request.
+
+    Lighter than :class:`concurrent.futures.ThreadPoolExecutor` on the hot path: no Future per
+    call and no semaphore probe, only a :class:`queue.SimpleQueue` put (C code, which wakes one
+    waiting thread). Threads start on demand, when a call finds no idle thread, up to
+    ``max_threads``; they are daemon threads, so a request stuck in application code past the
+    graceful-shutdown timeout cannot keep the process from exiting.
+
+    Args:
+        max_threads: the most threads, and so the most concurrent application calls.
+        name: thread name prefix (``asyncwsgi_0``, ``asyncwsgi_1``...).
+    """
+
+    def __init__(self, max_threads: int, name: str = "asyncwsgi") -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._max = max_threads
+        self._name = name
+        self._threads: list[threading.Thread] = []
+        self._idle: list[None] = []  # one entry per thread blocked in get(); list ops are atomic
+
+    def submit(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` in a worker thread. Loop thread only; never blocks.
+
+        ``fn`` should not raise; if it does, the error is logged and the thread carries on.
+        """
+        self._queue.put((fn, args))
+        if not self._idle and len(self._threads) < self._max:
+            thread = threading.Thread(
+                target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    @property
+    def threads(self) -> int:
+        """Threads started so far."""
+        return len(self._threads)
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for a thread (approximate)."""
+        return self._queue.qsize()
+
+    def _work(self) -> None:
+        get = self._queue.get
+        idle = self._idle
+        while True:
+            idle.append(None)
+            item = get()
+            idle.pop()
+            if item is None:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except Exception:
+                logger.exception("Unhandled error in a worker thread")
+            del item, fn, args
+
+    def shutdown(self, timeout: float) -> int:
+        """Stop the threads once the queued calls have run; wait up to ``timeout`` seconds.
+
+        Blocks: call it in a thread other than the loop's. Returns the number of threads still
+        running application code when time ran out (they are daemon threads and are abandoned).
+        """
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return sum(thread.is_alive() for thread in self._threads)
 
 
 class ResponseTarget(Protocol):
@@ -92,7 +181,7 @@ class ResponseSink:
         self._target = target
         self._high_water = high_water
         self._timeout = timeout
-        self._ready = threading.Event()
+        self._ready: threading.Event | None = None  # made when a worker first has to wait
         self._waiting = False
         self.handed = 0
         self.done = 0
@@ -148,6 +237,8 @@ class ResponseSink:
 
     def _wait_writable(self) -> None:
         ready = self._ready
+        if ready is None:
+            ready = self._ready = threading.Event()
         while not self.disconnected and (self.paused or self.handed - self.done > self._high_water):
             self._waiting = True
             ready.clear()
@@ -167,7 +258,7 @@ class ResponseSink:
     def written(self, nbytes: int) -> None:
         """Record that ``nbytes`` handed-over bytes reached the transport. Loop thread only."""
         self.done += nbytes
-        if self._waiting and not self.paused:
+        if self._waiting and not self.paused and self._ready is not None:
             self._ready.set()
 
     def pause(self) -> None:
@@ -177,12 +268,14 @@ class ResponseSink:
     def resume(self) -> None:
         """The transport's buffer drained below its low-water mark. Loop thread only."""
         self.paused = False
-        self._ready.set()
+        if self._ready is not None:
+            self._ready.set()
 
     def disconnect(self) -> None:
         """The connection is gone: the next hand-off raises in the worker. Loop thread only."""
         self.disconnected = True
-        self._ready.set()
+        if self._ready is not None:
+            self._ready.set()
 
 
 class BodyTarget(Protocol):

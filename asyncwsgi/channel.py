@@ -19,12 +19,11 @@ import os
 import time
 import typing
 from collections.abc import Callable
-from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 import h11
 
-from .bridge import EMPTY_BODY, Head, RequestBody, ResponseSink
+from .bridge import EMPTY_BODY, Head, RequestBody, ResponseSink, WorkerPool
 from .config import Config
 from .environ import build_environ, connection_environ
 from .errors import RequestRejected
@@ -38,6 +37,9 @@ if TYPE_CHECKING:
 
 __all__ = ["HTTPChannel", "ServerState"]
 
+# Responses up to this many body bytes are joined into one write.
+_JOIN_BELOW = 16 * 1024
+
 # Reasons reading is paused; reading resumes when none is left.
 _PAUSE_PIPELINE = 1
 _PAUSE_BODY = 2
@@ -49,7 +51,7 @@ class ServerState:
     Attributes:
         config: the server's configuration.
         app: the WSGI application.
-        executor: the thread pool that runs the application.
+        pool: the worker threads that run the application.
         channels: the open connections.
         date_header: the current ``(b"date", ...)`` pair, refreshed every second by the server,
             or None when ``config.date_header`` is off.
@@ -59,11 +61,11 @@ class ServerState:
     """
 
     def __init__(
-        self, config: Config, app: WSGIApplication, executor: Executor, multiprocess: bool = False
+        self, config: Config, app: WSGIApplication, pool: WorkerPool, multiprocess: bool = False
     ) -> None:
         self.config = config
         self.app = app
-        self.executor = executor
+        self.pool = pool
         self.channels: set[HTTPChannel] = set()
         self.date_header: tuple[bytes, bytes] | None = None
         self.server_header: tuple[bytes, bytes] | None = (
@@ -282,7 +284,7 @@ class HTTPChannel(asyncio.Protocol):
         sink = cycle.sink = ResponseSink(
             call, self, config.write_high_water, config.timeout_write, self.can_sendfile
         )
-        self.state.executor.submit(run_wsgi, self.state.app, environ, sink)
+        self.state.pool.submit(run_wsgi, self.state.app, environ, sink)
 
     # -- BodyTarget: asked by the worker through call_soon_threadsafe ------------------------------
 
@@ -326,10 +328,14 @@ class HTTPChannel(asyncio.Protocol):
             error_logger.error("Invalid response to %s: %s", self._request_line(cycle), exc)
             self.abort()
             return
+        if tail:
+            out.append(tail)
         transport = self.transport
         assert transport is not None
         if len(out) == 1:
             transport.write(out[0])
+        elif nbytes <= _JOIN_BELOW:
+            transport.write(b"".join(out))  # one small copy beats a vectored write here
         elif out:
             transport.writelines(out)
         sink.written(nbytes)
@@ -341,8 +347,6 @@ class HTTPChannel(asyncio.Protocol):
                 )
                 self._finish_cycle(cycle, keep_alive=False)
                 return
-            if tail:
-                transport.write(tail)
             self._finish_cycle(cycle, keep_alive=True)
 
     def on_response_file(
@@ -414,7 +418,7 @@ class HTTPChannel(asyncio.Protocol):
 
     def _close_in_worker(self, wrapper: FileWrapper) -> None:
         """Run ``wrapper.close()`` in the pool: it may be app code (Django's response.close)."""
-        self.state.executor.submit(_close_quietly, wrapper)
+        self.state.pool.submit(_close_quietly, wrapper)
 
     # -- end of a cycle ----------------------------------------------------------------------
 

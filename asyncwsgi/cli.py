@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, get_args, get_origin
 from . import __version__
 from .config import BindSpec, Config
 from .errors import ConfigError
-from .logs import error_logger
 
 if TYPE_CHECKING:
     from ._types import WSGIApplication
@@ -159,7 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         pass
-    _exit_if_workers_stuck(0)
     return 0
 
 
@@ -171,32 +169,3 @@ def _describe(spec: BindSpec) -> str:
         return f"fd://{spec.fd}"
     host = f"[{spec.host}]" if ":" in spec.host else spec.host
     return f"{host}:{spec.port}"
-
-
-def _exit_if_workers_stuck(status: int, grace: float = 1.0) -> None:
-    """Exit now with ``status`` if application threads outlived the graceful shutdown.
-
-    The pool's threads are joined at interpreter exit, so a request stuck in application code
-    past ``--timeout-graceful-shutdown`` would keep the process alive forever after "Shutdown
-    complete". Idle pool threads end within ``grace`` seconds; any still running the
-    application after that are abandoned, as the timeout promises, by exiting without the join.
-    """
-    import threading  # noqa: TID251 (only inspects the pool's threads; creates none)
-    import time
-
-    deadline = time.monotonic() + grace
-    current = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is current or thread.daemon or not thread.name.startswith("asyncwsgi"):
-            continue
-        thread.join(max(0.0, deadline - time.monotonic()))
-    stuck = [t for t in threading.enumerate() if t.is_alive() and t.name.startswith("asyncwsgi")]
-    if stuck:
-        error_logger.warning(
-            "%d worker thread(s) still running the application after shutdown; "
-            "exiting without waiting for them",
-            len(stuck),
-        )
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)

@@ -37,13 +37,15 @@ class FileWrapper:
         self.block_size = block_size
 
     def __iter__(self) -> Iterator[bytes]:
-        read = self.filelike.read
-        block_size = self.block_size
-        while True:
-            block = read(block_size)
-            if not block:
-                return
-            yield block
+        # Its own iterator, as wsgiref's: code that keeps ``iter(wrapper)`` and closes that
+        # (Werkzeug's range wrapper) still reaches close().
+        return self
+
+    def __next__(self) -> bytes:
+        block = self.filelike.read(self.block_size)
+        if not block:
+            raise StopIteration
+        return block
 
     def close(self) -> None:
         """Close the wrapped object, if it can be closed."""

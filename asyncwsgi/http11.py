@@ -22,6 +22,7 @@ h11 does all parsing and framing (RFC 9112). This module adds what a server need
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Final
 
@@ -50,6 +51,10 @@ _PEEK_BUFFER: Final = isinstance(
 ReceivedEvent = h11.Request | h11.Data | h11.EndOfMessage | h11.ConnectionClosed | type[h11.PAUSED]
 
 _NO_BODY_STATUS = frozenset({204, 304})
+
+# h11's events take ``_parsed=True`` for headers that were already validated (its own parser
+# passes it); use it when this h11 has it.
+_TRUSTED_HEADERS: Final = "_parsed" in inspect.signature(h11.Response.__init__).parameters
 
 _REASONS: dict[int, bytes] = {}
 
@@ -214,7 +219,7 @@ class ServerConnection:
         if end < 0:
             strict.check_partial_head(buffered, self._config)
             return
-        self._framing = strict.check_head(bytes(buffered[: end + 2]), self._config)
+        self._framing = strict.check_head(buffered[: end + 2], self._config)
         self._awaiting_head = False
 
     def _check_chunk_line(self) -> None:
@@ -247,7 +252,7 @@ class ServerConnection:
         if end < 0:
             strict.check_partial_trailers(buffered, start)
             return
-        strict.check_trailer_section(bytes(buffered[start : end + 2]), self._config)
+        strict.check_trailer_section(buffered[start : end + 2], self._config)
         self._trailers_due = False
 
     def _on_request(self, request: h11.Request) -> None:
@@ -303,19 +308,44 @@ class ServerConnection:
         Raises:
             h11.LocalProtocolError: when h11 rejects the head (a header it considers invalid).
         """
-        if date_header is not None:
-            headers.append(date_header)
-        if self._server_header is not None:
-            headers.append(self._server_header)
         self._body_bytes = 0
         if status in _NO_BODY_STATUS or 100 <= status < 200:
             self._body_allowed = False
-        declared = _content_length(headers)
+        declared: int | None = None
+        has_date = has_server = False
+        for name, value in headers:
+            size = len(name)
+            if size == 14 or size == 4 or size == 6:  # content-length, date, server
+                lowered = name.lower()
+                if lowered == b"content-length":
+                    if not value.isdigit():
+                        raise h11.LocalProtocolError("bad Content-Length")
+                    declared = int(value)
+                elif lowered == b"date":
+                    has_date = True
+                elif lowered == b"server":
+                    has_server = True
         if declared is None and content_length is not None and status not in _NO_BODY_STATUS:
-            headers.append((b"Content-Length", str(content_length).encode()))
+            headers.append((b"Content-Length", b"%d" % content_length))
             declared = content_length
+        # RFC 9110 sections 6.6.1 and 10.2.4: one Date and one Server, the app's if it set one.
+        if date_header is not None and not has_date:
+            headers.append(date_header)
+        if self._server_header is not None and not has_server:
+            headers.append(self._server_header)
         self._bytes_left = declared if self._body_allowed else 0
-        response = h11.Response(status_code=status, reason=reason, headers=headers)
+        if _TRUSTED_HEADERS:
+            # The worker validated every name and value (asyncwsgi.wsgi._encode_head) with rules
+            # at least as strict as h11's; skip h11's second pass of the same regexes.
+            response = h11.Response(
+                status_code=status,
+                reason=reason,
+                headers=headers,
+                http_version=b"1.1",
+                _parsed=True,
+            )
+        else:
+            response = h11.Response(status_code=status, reason=reason, headers=headers)
         data = self._conn.send(response)
         assert data is not None
         return data
@@ -430,13 +460,3 @@ class ServerConnection:
     def h11_connection(self) -> h11.Connection:
         """The underlying h11 connection (for tests and introspection)."""
         return self._conn
-
-
-def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
-    for name, value in headers:
-        if name == b"content-length" or (len(name) == 14 and name.lower() == b"content-length"):
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None

@@ -19,9 +19,9 @@ import signal
 import socket
 import stat
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from .bridge import WorkerPool
 from .channel import HTTPChannel, ServerState
 from .config import BindSpec, Config
 from .logs import configure_logging, error_logger
@@ -59,7 +59,7 @@ class Server:
         self._sockets = sockets
         self._servers: list[asyncio.base_events.Server] = []
         self._state: ServerState | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._pool: WorkerPool | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
@@ -77,8 +77,8 @@ class Server:
         """
         loop = asyncio.get_running_loop()
         config = self.config
-        self._executor = ThreadPoolExecutor(config.threads, thread_name_prefix="asyncwsgi")
-        state = self._state = ServerState(config, self.app, self._executor)
+        self._pool = WorkerPool(config.threads)
+        state = self._state = ServerState(config, self.app, self._pool)
         state.idle_changed = asyncio.Event()
         sockets = self._sockets
         if sockets is None:
@@ -157,12 +157,15 @@ class Server:
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
-        if self._executor is not None:
-            executor = self._executor
-            # Let queued close() calls run; do not wait for application code that overran.
-            await asyncio.get_running_loop().run_in_executor(
-                None, lambda: executor.shutdown(wait=False, cancel_futures=False)
-            )
+        if self._pool is not None:
+            # Queued close() calls still run; application code that overran is abandoned.
+            stuck = await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, 1.0)
+            if stuck:
+                error_logger.warning(
+                    "%d worker thread(s) still running the application after shutdown; "
+                    "exiting without waiting for them",
+                    stuck,
+                )
         for spec in self.config.listen_specs():
             if spec.kind == "unix" and self._sockets is None:
                 with contextlib.suppress(OSError):
