@@ -125,17 +125,18 @@ def check_partial_head(head: bytes | bytearray, config: Config) -> None:
     """
     if head.find(b"\n\n") >= 0 or head.find(b"\n\r\n") >= 0:
         raise RequestRejected(400, "bare LF line ending in request head")
+    # The unfinished last line, without the CR of its CRLF if that has arrived alone.
+    size = len(head) - 1 if head[-1:] == b"\r" else len(head)
     line_end = head.find(b"\r\n")
     if line_end < 0:
-        if len(head) > config.max_request_line:
+        if size > config.max_request_line:
             raise RequestRejected(414, "request line too long")
         return
     if line_end > config.max_request_line:
         raise RequestRejected(414, "request line too long")
     if len(head) > config.limit_request_head:
         raise RequestRejected(431, "request head too large")
-    last_line_start = head.rfind(b"\r\n") + 2
-    if len(head) - last_line_start + 2 > config.max_field_size:
+    if size - (head.rfind(b"\r\n") + 2) + 2 > config.max_field_size:
         raise RequestRejected(431, "request header field too large")
 
 

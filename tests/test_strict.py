@@ -546,9 +546,16 @@ def test_field_line_limit_counts_the_crlf() -> None:
     assert accepted(b"GET / HTTP/1.0\r\n" + line + b"\r\n\r\n", limit_request_field_size=20)
     exc, _ = rejected(b"GET / HTTP/1.0\r\n" + line + b"a\r\n\r\n", limit_request_field_size=20)
     assert exc.status == 431
-    # Still arriving: refused as soon as the unfinished line is over the limit.
+    # Still arriving: refused as soon as the unfinished line is over the limit, and not
+    # before: a line at the limit whose CR arrives without its LF is fine.
     exc, _ = rejected(b"GET / HTTP/1.0\r\n" + line + b"a", limit_request_field_size=20)
     assert exc.status == 431
+    head = b"GET / HTTP/1.0\r\n" + line + b"\r"
+    assert accepted(head, b"\n\r\n", limit_request_field_size=20)
+    # The same for the request line.
+    exc, _ = rejected(b"GET /" + b"a" * 96, limit_request_line=100)
+    assert exc.status == 414
+    assert accepted(b"GET /" + b"a" * 86 + b" HTTP/1.0\r", b"\n\r\n", limit_request_line=100)
 
 
 def test_request_line_limit_and_head_limit_while_arriving() -> None:
