@@ -5,14 +5,14 @@ request-smuggling or header-confusion attack needs an ambiguity for (RFC 9112 se
 Each raises :class:`~asyncwsgi.errors.RequestRejected` with the status to answer. Pure functions,
 any thread.
 
-What h11 0.16 already refuses, and is therefore not checked again here: a request line that is not
-``token SP 1*VCHAR SP HTTP/DIGIT.DIGIT`` (a method with a non-token byte, a NUL, a space too
+What h11 0.16 already refuses, and is therefore not checked again here: a request line that is
+not ``token SP 1*VCHAR SP HTTP/DIGIT.DIGIT`` (a method with a non-token byte, a NUL, a space too
 many, ``HTTP/111``), a field name that is not a token or is followed by whitespace before the
-colon, NUL/CR/LF/space inside a field value, a Content-Length that is not ``1*DIGIT`` or a list
-of differing values, any Transfer-Encoding other than one ``chunked`` (with status 501), a chunk
-size that does not start with a hex digit or is followed by anything but ``;``, OWS or CRLF, a
-chunk not followed by CRLF (h11 0.16 fixed CVE-2025-43859), a missing or repeated Host in
-HTTP/1.1.
+colon, NUL, CR, LF, VT or FF inside a field value, a Content-Length that is not ``1*DIGIT`` or
+a list of differing values, any Transfer-Encoding other than one ``chunked`` (with status 501),
+a chunk size that does not start with a hex digit or is followed by anything but ``;``, OWS or
+CRLF, a chunk not followed by CRLF (h11 0.16 fixed CVE-2025-43859), a missing or repeated Host
+in HTTP/1.1.
 
 What h11 lets through, and these checks refuse:
 

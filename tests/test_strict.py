@@ -8,6 +8,9 @@ them on the bytes h11 holds (pipelined heads, chunk-size lines, trailer sections
 
 Every test runs twice: with the zero-copy view of h11's receive buffer, and with the
 ``trailing_data`` fallback that a future h11 might force.
+
+waitress CVE-2022-31015 and CVE-2024-49769 (a crash, then a busy loop, when a client closes
+before the server calls ``getpeername()``) are not request-parsing issues and have no test here.
 """
 
 from __future__ import annotations
