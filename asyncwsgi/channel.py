@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import h11
 
+from .accesslog import AccessEntry, AccessFormat
 from .bridge import EMPTY_BODY, Head, RequestBody, ResponseSink, WorkerPool
 from .config import Config
 from .environ import build_environ, connection_environ
@@ -30,6 +31,7 @@ from .errors import RequestRejected
 from .filewrapper import FileWrapper
 from .http11 import PAUSED, ServerConnection
 from .logs import access_logger, error_logger, escape
+from .proxy import ProxyHeaders, ProxyProtocolError, ProxyProtocolReader, ProxySupport
 from .wsgi import run_wsgi
 
 if TYPE_CHECKING:
@@ -74,6 +76,14 @@ class ServerState:
         self.shutting_down = False
         self.multiprocess = multiprocess
         self.idle_changed: asyncio.Event | None = None
+        #: Forwarded headers and the PROXY protocol (asyncwsgi.proxy).
+        self.proxy = ProxySupport(config)
+        #: The compiled --access-logformat / --access-log-json, or None for the built-in line.
+        self.access_format = (
+            AccessFormat(config.access_logformat, json=config.access_log_json)
+            if config.access_logformat is not None or config.access_log_json
+            else None
+        )
         self.refresh_date()
 
     def refresh_date(self) -> None:
@@ -93,8 +103,10 @@ class _Cycle:
         "body",
         "body_complete",
         "chunks",
+        "environ",
         "file_sender",
         "request",
+        "response_headers",
         "sink",
         "started",
         "status",
@@ -109,6 +121,8 @@ class _Cycle:
         self.started = started
         self.status = 0
         self.file_sender: _FileSender | None = None
+        self.environ: dict[str, Any] | None = None
+        self.response_headers: list[tuple[bytes, bytes]] | None = None
 
 
 class HTTPChannel(asyncio.Protocol):
@@ -130,6 +144,8 @@ class HTTPChannel(asyncio.Protocol):
         self.client = "-"
         self.base_environ: dict[str, Any] = {}
         self.can_sendfile = False
+        self.proxy_headers: ProxyHeaders | None = None
+        self._proxy_reader: ProxyProtocolReader | None = None
         self.closing = False
         self.idle_since: float | None = None
         self._paused = 0
@@ -164,6 +180,9 @@ class HTTPChannel(asyncio.Protocol):
         )
         if config.expose_tracebacks:
             self.base_environ["asyncwsgi.expose_tracebacks"] = True
+        self.proxy_headers, self._proxy_reader = self.state.proxy.for_peer(
+            peer_pair[0] if peer_pair is not None else None
+        )
         self.can_sendfile = (
             transport.get_extra_info("sslcontext") is None
             and transport.get_extra_info("socket") is not None
@@ -175,6 +194,11 @@ class HTTPChannel(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Parse what arrived; start, feed or reject requests."""
         self.idle_since = None
+        if self._proxy_reader is not None:
+            rest = self._read_proxy_header(data)
+            if not rest:
+                return
+            data = rest
         try:
             events = self.conn.receive_data(data)
         except RequestRejected as exc:
@@ -182,15 +206,42 @@ class HTTPChannel(asyncio.Protocol):
             return
         self.handle_events(events)
 
+    def _read_proxy_header(self, data: bytes) -> bytes | None:
+        """Collect the PROXY protocol header; return the bytes after it once it is complete."""
+        reader = self._proxy_reader
+        assert reader is not None
+        try:
+            rest = reader.feed(data)
+        except ProxyProtocolError as exc:
+            self._proxy_reader = None
+            self.reject(RequestRejected(400, f"invalid PROXY protocol header: {exc}"))
+            return None
+        if rest is None:
+            return None
+        self._proxy_reader = None
+        source = reader.info.source if reader.info is not None else None
+        if source is not None:
+            self.base_environ["REMOTE_ADDR"] = source[0]
+            self.base_environ["REMOTE_PORT"] = str(source[1])
+            self.client = f"{source[0]}:{source[1]}"
+            # The HTTP sender is now the client, trusted with headers only if listed itself.
+            self.proxy_headers = self.state.proxy.headers_for(source[0])
+        return rest
+
     def eof_received(self) -> bool:
-        """The client half-closed: finish the request in flight, if any, then close."""
+        """The client half-closed: finish the request in flight, if any, then close.
+
+        Over TLS there is no half-close (the TLS transport closes itself after this returns,
+        and warns if it returned True).
+        """
+        keep_open = self.url_scheme != "https"
         try:
             events = self.conn.receive_data(b"")
         except RequestRejected as exc:
             self.reject(exc)
-            return True
+            return keep_open
         self.handle_events(events)
-        return True
+        return keep_open
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Release everything: wake the worker (its next hand-off raises), stop any sendfile."""
@@ -280,7 +331,9 @@ class HTTPChannel(asyncio.Protocol):
                 if body.feed(chunk):
                     self._pause_reading(_PAUSE_BODY)
         cycle.chunks = []
-        environ = build_environ(self.base_environ, cycle.request, body)
+        environ = cycle.environ = build_environ(self.base_environ, cycle.request, body)
+        if self.proxy_headers is not None:
+            self.proxy_headers.apply(environ)
         sink = cycle.sink = ResponseSink(
             call, self, config.write_high_water, config.timeout_write, self.can_sendfile
         )
@@ -316,6 +369,7 @@ class HTTPChannel(asyncio.Protocol):
             if head is not None:
                 status, reason, headers = head
                 cycle.status = status
+                cycle.response_headers = headers
                 out.append(
                     conn.send_response(
                         status, reason, headers, self.state.date_header, nbytes if end else None
@@ -360,6 +414,7 @@ class HTTPChannel(asyncio.Protocol):
         conn = self.conn
         status, reason, headers = head
         cycle.status = status
+        cycle.response_headers = headers
         try:
             transport = self.transport
             assert transport is not None
@@ -453,6 +508,26 @@ class HTTPChannel(asyncio.Protocol):
 
     def _log_access(self, cycle: _Cycle) -> None:
         request = cycle.request
+        access_format = self.state.access_format
+        if access_format is not None:
+            access_logger.info(
+                "%s",
+                access_format.render(
+                    AccessEntry(
+                        self.client,
+                        cycle.environ,
+                        request.method,
+                        request.target,
+                        request.http_version,
+                        request.headers,
+                        cycle.status,
+                        cycle.response_headers,
+                        self.conn.body_bytes_sent,
+                        time.perf_counter() - cycle.started,
+                    )
+                ),
+            )
+            return
         access_logger.info(
             '%s - "%s %s HTTP/%s" %d %d %.3fms',
             self.client,

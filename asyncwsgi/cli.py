@@ -83,7 +83,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {
             "dest": field.name,
             "default": argparse.SUPPRESS,
-            "help": f"{field.metadata['help']} (default: {field.default!r})",
+            "help": f"{field.metadata['help']} (default: {field.default!r})".replace("%", "%%"),
         }
         optional = get_origin(hint) in (typing.Union, types.UnionType)
         base = next((a for a in get_args(hint) if a is not type(None)), hint) if optional else hint
@@ -151,6 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         run(app, config=config)
+    except ConfigError as exc:  # found on start: a TLS file, the log config
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         where = ", ".join(_describe(spec) for spec in config.listen_specs())
         reason = exc.strerror or str(exc)

@@ -10,6 +10,7 @@ uvicorn, so ``--limit-request-line`` and ``--timeout-keep-alive`` mean what they
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -121,6 +122,68 @@ class Config:
     expose_tracebacks: bool = _opt(
         False, "Put the traceback of an application error in the 500 body (development only)."
     )
+    log_config: str | None = _opt(
+        None,
+        "Logging configuration file, applied after the defaults: dictConfig JSON (*.json), "
+        "YAML (*.yaml, *.yml; needs PyYAML) or fileConfig INI (any other name).",
+    )
+    access_logfile: str | None = _opt(
+        None,
+        "Write access lines to this file, or '-' for stdout, without the error log's prefix "
+        "(gunicorn's --access-logfile). Default: stderr, with the error log.",
+    )
+    access_logformat: str | None = _opt(
+        None,
+        "Access line format with gunicorn's atoms, e.g. '%(h)s %(l)s %(u)s %(t)s \"%(r)s\" "
+        '%(s)s %(b)s "%(f)s" "%(a)s" %(D)s\'. Default: the built-in line, which costs the '
+        "least per request.",
+    )
+    access_log_json: bool = _opt(
+        False,
+        "Write each access line as one JSON object: the atoms of --access-logformat by name, or "
+        "a fixed set of fields without it.",
+    )
+
+    # -- TLS (uvicorn's names) ------------------------------------------------------------------
+    ssl_certfile: str | None = _opt(
+        None, "Serve HTTPS with this certificate chain (PEM), read once at start."
+    )
+    ssl_keyfile: str | None = _opt(
+        None, "Private key of --ssl-certfile (PEM); not needed when the certfile holds the key."
+    )
+    ssl_keyfile_password: str | None = _opt(None, "Password of an encrypted --ssl-keyfile.")
+    ssl_ca_certs: str | None = _opt(
+        None, "CA certificates (PEM) that client certificates are verified against."
+    )
+    ssl_cert_reqs: int = _opt(
+        0,
+        "Client certificates: 0 not asked for, 1 verified if sent, 2 required "
+        "(ssl.CERT_NONE, CERT_OPTIONAL, CERT_REQUIRED, as uvicorn).",
+    )
+    ssl_ciphers: str = _opt(
+        "TLSv1",
+        "OpenSSL cipher list for TLS 1.2 and below (uvicorn's default; TLS 1.3 suites are "
+        "OpenSSL's own).",
+    )
+
+    # -- behind a proxy or load balancer ----------------------------------------------------------
+    proxy_headers: bool = _opt(
+        True,
+        "Take the client address, scheme, host, port and prefix from X-Forwarded-* and "
+        "Forwarded (RFC 7239) headers, from trusted peers only (see --forwarded-allow-ips).",
+    )
+    forwarded_allow_ips: str | None = _opt(
+        None,
+        "Peers trusted with proxy headers and the PROXY protocol: comma-separated IP addresses "
+        "and CIDR networks, or '*' for all. Unset: $FORWARDED_ALLOW_IPS, else 127.0.0.1. "
+        "UNIX-socket peers are always trusted.",
+    )
+    proxy_protocol: bool = _opt(
+        False,
+        "Accept a HAProxy PROXY protocol v1 or v2 header at the start of connections from "
+        "trusted peers, and take the client address from it (connections without one are "
+        "served as they are).",
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -154,6 +217,7 @@ class Config:
             raise ConfigError(f"fd must not be negative, got {self.fd}")
         for spec in self.bind:
             parse_bind(spec)
+        _check_operation(self)
 
     @property
     def max_request_line(self) -> int:
@@ -236,3 +300,30 @@ def parse_bind(spec: str) -> BindSpec:
     if not 0 <= port <= 65535:
         raise ConfigError(f"port out of range in bind {spec!r}")
     return BindSpec(kind="tcp", host=host or "0.0.0.0", port=port)
+
+
+def _check_operation(config: Config) -> None:
+    """Check the TLS, proxy and logging settings; resolve ``forwarded_allow_ips``.
+
+    Raises:
+        ConfigError: a value is out of range, malformed, or needs a setting that is missing.
+    """
+    from .accesslog import AccessFormat
+    from .proxy import TrustedPeers
+
+    if config.ssl_cert_reqs not in (0, 1, 2):
+        raise ConfigError(f"ssl_cert_reqs must be 0, 1 or 2, got {config.ssl_cert_reqs}")
+    if not config.ssl_certfile:
+        for name in ("ssl_keyfile", "ssl_keyfile_password", "ssl_ca_certs"):
+            if getattr(config, name):
+                raise ConfigError(f"{name} needs ssl_certfile")
+        if config.ssl_cert_reqs:
+            raise ConfigError("ssl_cert_reqs needs ssl_certfile")
+    if config.forwarded_allow_ips is None:
+        object.__setattr__(
+            config, "forwarded_allow_ips", os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+        )
+    assert config.forwarded_allow_ips is not None
+    TrustedPeers(config.forwarded_allow_ips)
+    if config.access_logformat is not None:
+        AccessFormat(config.access_logformat, json=config.access_log_json)

@@ -10,9 +10,22 @@ escapes, so a request cannot forge log lines (log injection). The access line is
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import TYPE_CHECKING
 
-__all__ = ["error_logger", "access_logger", "escape", "configure_logging", "TRACE"]
+if TYPE_CHECKING:
+    from .config import Config
+
+__all__ = [
+    "error_logger",
+    "access_logger",
+    "escape",
+    "configure_logging",
+    "setup_logging",
+    "load_log_config",
+    "TRACE",
+]
 
 error_logger = logging.getLogger("asyncwsgi.error")
 access_logger = logging.getLogger("asyncwsgi.access")
@@ -55,3 +68,83 @@ def configure_logging(level: str, access_log: bool) -> None:
         logger.propagate = False
     error_logger.setLevel(numeric)
     access_logger.setLevel(numeric if access_log else logging.CRITICAL + 1)
+
+
+def setup_logging(config: Config) -> None:
+    """Configure logging from ``config``: the defaults of :func:`configure_logging`, then
+    ``access_logfile`` and ``log_config``. Main thread, before serving.
+
+    - ``access_logfile``: access lines go to that file (appended to), or to stdout for ``-``,
+      as bare lines without the error log's prefix (gunicorn's ``--access-logfile``).
+    - ``log_config``: a file applied last, so it can change anything, see
+      :func:`load_log_config`. ``--no-access-log`` still silences the access logger after it.
+
+    Raises:
+        ConfigError: the log config file cannot be read or applied, or the access log file
+            cannot be opened.
+    """
+    configure_logging(config.log_level, config.access_log)
+    if config.access_logfile:
+        handler: logging.Handler
+        if config.access_logfile == "-":
+            handler = logging.StreamHandler(sys.stdout)
+        else:
+            try:
+                handler = logging.FileHandler(config.access_logfile, encoding="utf-8")
+            except OSError as exc:
+                from .errors import ConfigError
+
+                raise ConfigError(
+                    f"cannot open access_logfile {config.access_logfile!r}: {exc.strerror or exc}"
+                ) from None
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_logger.handlers[:] = [handler]
+    if config.log_config:
+        load_log_config(config.log_config)
+        if not config.access_log:
+            access_logger.setLevel(logging.CRITICAL + 1)
+
+
+def load_log_config(path: str) -> None:
+    """Apply a logging configuration file.
+
+    ``*.json`` is a :func:`logging.config.dictConfig` dictionary, ``*.yaml``/``*.yml`` the same
+    in YAML (needs PyYAML), any other name a :func:`logging.config.fileConfig` INI file.
+    Loggers the file does not name keep working (``disable_existing_loggers`` defaults to
+    False, as uvicorn's); to route ``asyncwsgi.error`` and ``asyncwsgi.access`` to the root
+    logger's handlers, give them ``propagate: true`` and no handlers.
+
+    Raises:
+        ConfigError: the file is missing, malformed, or PyYAML is needed and not installed.
+    """
+    import importlib
+    import json
+    import logging.config
+
+    from .errors import ConfigError
+
+    try:
+        if path.endswith((".json", ".yaml", ".yml")):
+            with open(path, encoding="utf-8") as file:
+                if path.endswith(".json"):
+                    data = json.load(file)
+                else:
+                    try:
+                        yaml = importlib.import_module("yaml")
+                    except ImportError:
+                        raise ConfigError(
+                            f"log_config {path!r} is YAML, which needs PyYAML (pip install pyyaml)"
+                        ) from None
+                    data = yaml.safe_load(file)
+            if not isinstance(data, dict):
+                raise ConfigError(f"log_config {path!r} does not hold a mapping")
+            data.setdefault("disable_existing_loggers", False)
+            logging.config.dictConfig(data)
+        else:
+            if not os.path.isfile(path):
+                raise ConfigError(f"log_config {path!r}: no such file")
+            logging.config.fileConfig(path, disable_existing_loggers=False)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"cannot apply log_config {path!r}: {exc}") from None

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from .bridge import WorkerPool
 from .channel import HTTPChannel, ServerState
 from .config import BindSpec, Config
-from .logs import configure_logging, error_logger
+from .logs import error_logger, setup_logging
+from .tls import create_ssl_context
 
 if TYPE_CHECKING:
     from ._types import WSGIApplication
@@ -74,9 +75,12 @@ class Server:
 
         Raises:
             OSError: a socket could not be bound (address in use, permission denied).
+            ConfigError: the TLS certificate, key or CA file cannot be loaded.
         """
         loop = asyncio.get_running_loop()
         config = self.config
+        sslcontext = create_ssl_context(config)  # once, for every listener
+        scheme = "https" if sslcontext is not None else "http"
         self._pool = WorkerPool(config.threads)
         state = self._state = ServerState(config, self.app, self._pool)
         state.idle_changed = asyncio.Event()
@@ -92,13 +96,18 @@ class Server:
                 raise
         for sock in sockets:
             server = await loop.create_server(
-                lambda: HTTPChannel(state), sock=sock, backlog=config.backlog
+                lambda: HTTPChannel(state, scheme),
+                sock=sock,
+                backlog=config.backlog,
+                ssl=sslcontext,
             )
             self._servers.append(server)
             self.addresses.append(sock.getsockname())
         self._housekeeping = loop.create_task(self._housekeep())
         for address in self.addresses:
-            error_logger.info("Listening at: %s (threads: %d)", _url(address), config.threads)
+            error_logger.info(
+                "Listening at: %s (threads: %d)", _url(address, scheme), config.threads
+            )
         self.started.set()
 
     async def _housekeep(self) -> None:
@@ -221,13 +230,13 @@ def bind_socket(spec: BindSpec, config: Config) -> socket.socket:
     return sock
 
 
-def _url(address: Any) -> str:
+def _url(address: Any, scheme: str = "http") -> str:
     if isinstance(address, str):
         return f"unix:{address}"
     host, port = address[0], address[1]
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
 
 
 async def serve(
@@ -314,7 +323,7 @@ def run(
 
         config = dataclasses.replace(config, **options)
     if configure_logs:
-        configure_logging(config.log_level, config.access_log)
+        setup_logging(config)
     loop = new_event_loop(config.loop)
     try:
         asyncio.set_event_loop(loop)

@@ -37,6 +37,19 @@ DEFAULTS: dict[str, Any] = {
     "log_level": "info",
     "access_log": True,
     "expose_tracebacks": False,
+    "log_config": None,
+    "access_logfile": None,
+    "access_logformat": None,
+    "access_log_json": False,
+    "ssl_certfile": None,
+    "ssl_keyfile": None,
+    "ssl_keyfile_password": None,
+    "ssl_ca_certs": None,
+    "ssl_cert_reqs": 0,
+    "ssl_ciphers": "TLSv1",
+    "proxy_headers": True,
+    "forwarded_allow_ips": "127.0.0.1",
+    "proxy_protocol": False,
 }
 
 

@@ -13,9 +13,11 @@ the same names, and cases without one run under gunicorn's default ``limit_reque
 asserts what we do then:
 
     setting                            our behaviour
-    proxy_protocol                     not implemented: a PROXY line is not a request line (400)
-    forwarded_allow_ips                not implemented: no forwarded header is trusted, so none
-                                       can conflict; they reach the app as plain HTTP_* keys
+    proxy_protocol                     off here: a PROXY line is not a request line (400);
+                                       tests/test_proxy.py plays these cases with it on
+    forwarded_allow_ips                every case runs with --no-proxy-headers: no forwarded
+                                       header is trusted, so none can conflict; they reach the
+                                       app as plain HTTP_* keys
     permit_obsolete_folding            not implemented: obs-fold gets 400
     header_map (dangerous, refuse)     not implemented: a field name with "_" is dropped (drop)
     strip_header_spaces                not implemented: whitespace before ":" gets 400
@@ -61,7 +63,8 @@ Deliberate differences from gunicorn (case: gunicorn's outcome -> ours; reason):
     valid/compat_obs_fold valid/compat_obs_fold_huge: served -> 400. RFC 9112 section 5.2
         lets a server reject obs-fold with 400; permit_obsolete_folding is not implemented.
     valid/pp_01 valid/pp_02 valid/pp_04 valid/pp_05: served -> 400. The PROXY protocol
-        (--proxy-protocol) is not implemented yet; its lines must never reach the app.
+        (--proxy-protocol) is off here; its lines must never reach the app (tests/test_proxy.py
+        serves these cases with it on).
     valid/rfc9112_target_authority_connect_01 valid/rfc9112_target_authority_ipv6_01:
         served -> 501. CONNECT asks for a tunnel (RFC 9110 section 9.3.6); a WSGI server has
         none to offer.
@@ -70,7 +73,7 @@ Deliberate differences from gunicorn (case: gunicorn's outcome -> ours; reason):
     invalid/013: 431 -> 400. The obs-fold is refused before the folded line is measured.
     invalid/019: 400 -> served (with Host), X-Forwarded-Proto and X-Forwarded-Ssl as plain
         HTTP_X_FORWARDED_* keys, wsgi.url_scheme "http": no forwarded header is trusted
-        (forwarded_allow_ips is not implemented), so none conflicts with another.
+        (the corpus runs with --no-proxy-headers), so none conflicts with another.
     invalid/040 invalid/chunked_07: 400 -> served with the "_" fields dropped (header_map=
         "refuse" is not implemented); framing comes from Content-Length or Transfer-Encoding
         alone, so nothing is ambiguous.
@@ -372,7 +375,7 @@ def add_host(outcome: Outcome) -> Outcome:
 
 
 def config_for(name: str) -> dict[str, Any]:
-    options: dict[str, Any] = dict(GUNICORN_LIMITS)
+    options: dict[str, Any] = {**GUNICORN_LIMITS, "proxy_headers": False}
     for key, value in CASES[name].get("gunicorn_settings", {}).items():
         if key in MAPPED_SETTINGS:
             options[key] = value

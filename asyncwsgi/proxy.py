@@ -1,0 +1,526 @@
+"""Running behind a proxy: forwarded headers and the PROXY protocol. Pure: no I/O, any thread.
+
+Two mechanisms tell the server who the client really is when a proxy or load balancer sits in
+front of it. Both are believed only from trusted peers (``--forwarded-allow-ips``), because any
+client can send them:
+
+- **Proxy headers** (``--proxy-headers``, on by default, as uvicorn): ``X-Forwarded-For``,
+  ``X-Forwarded-Proto``, ``X-Forwarded-Host``, ``X-Forwarded-Port``, ``X-Forwarded-Prefix`` and
+  RFC 7239 ``Forwarded`` rewrite ``REMOTE_ADDR``, ``wsgi.url_scheme``, ``HTTP_HOST``,
+  ``SERVER_NAME``, ``SERVER_PORT`` and ``SCRIPT_NAME`` of each request (:class:`ProxyHeaders`).
+- **PROXY protocol** (``--proxy-protocol``): HAProxy's v1 (text) or v2 (binary) header at the
+  start of a TCP connection, as HAProxy, AWS NLB, GCP and Azure load balancers send it, gives the
+  client's address and port (:class:`ProxyProtocolReader`; the HAProxy specification is
+  https://www.haproxy.org/download/2.9/doc/proxy-protocol.txt).
+
+Cost: trust is decided once per connection (:meth:`ProxySupport.for_peer`); a connection from an
+untrusted peer gets None and pays nothing per request, a trusted one pays a few dict look-ups per
+request when no forwarded header is present.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal
+from urllib.parse import unquote_to_bytes
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import Config
+
+__all__ = [
+    "TrustedPeers",
+    "ProxyHeaders",
+    "ProxySupport",
+    "ProxyInfo",
+    "ProxyProtocolError",
+    "ProxyProtocolReader",
+    "parse_proxy_header",
+    "parse_forwarded",
+    "V2_SIGNATURE",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# -- trust ------------------------------------------------------------------------------------
+
+
+class TrustedPeers:
+    """The peers trusted with forwarded information (``--forwarded-allow-ips``). Immutable.
+
+    Args:
+        spec: comma-separated IP addresses (``127.0.0.1``, ``::1``) and CIDR networks
+            (``10.0.0.0/8``, ``fd00::/8``), or ``*`` to trust every peer. Blanks are ignored.
+
+    Raises:
+        ConfigError: an entry is neither an IP address nor a network.
+    """
+
+    __slots__ = ("always", "hosts", "networks")
+
+    def __init__(self, spec: str) -> None:
+        entries = [entry.strip() for entry in spec.split(",") if entry.strip()]
+        self.always = "*" in entries
+        self.hosts: frozenset[IPAddress] = frozenset()
+        self.networks: tuple[IPNetwork, ...] = ()
+        hosts: set[IPAddress] = set()
+        networks: list[IPNetwork] = []
+        for entry in entries:
+            if entry == "*":
+                continue
+            try:
+                if "/" in entry:
+                    networks.append(ipaddress.ip_network(entry, strict=False))
+                else:
+                    hosts.add(ipaddress.ip_address(entry))
+            except ValueError:
+                raise ConfigError(
+                    f"forwarded_allow_ips: {entry!r} is not an IP address, a network or '*'"
+                ) from None
+        self.hosts = frozenset(hosts)
+        self.networks = tuple(networks)
+
+    def __contains__(self, host: object) -> bool:
+        """Whether ``host`` (an IP address as text) is trusted; text that is no IP is not."""
+        if self.always:
+            return True
+        if not isinstance(host, str) or not host:
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # ::ffff:127.0.0.1 from a dual-stack socket
+        return address in self.hosts or any(address in network for network in self.networks)
+
+    def client_of(self, hops: list[str]) -> str:
+        """Return the client among the ``X-Forwarded-For`` hops, left (client) to right.
+
+        Each proxy appends the address it received the request from, so the rightmost hop that
+        is not a trusted proxy is the client; the hops left of it are whatever that client
+        claimed. When every hop is trusted, or every peer is (``*``), the leftmost hop is the
+        client (uvicorn 0.30 and later).
+        """
+        if not self.always:
+            for hop in reversed(hops):
+                if hop not in self:
+                    return hop
+        return hops[0]
+
+
+# -- forwarded headers ----------------------------------------------------------------------------
+
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+;=%-]+)(?::([0-9]{1,5}))?")
+_PREFIX = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
+_SCHEMES: Final = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
+_DEFAULT_PORTS: Final = {"http": "80", "https": "443"}
+
+
+def _split_host(value: str) -> tuple[str, str | None] | None:
+    """``host[:port]`` → (host, port or None); None when it is not a plausible authority."""
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return None
+    port = match.group(2)
+    if port is not None and int(port) > 65535:
+        return None
+    return match.group(1), port
+
+
+def _node(value: str) -> tuple[str, str | None]:
+    """An X-Forwarded-For hop or a ``Forwarded: for=`` node → (address, port or None).
+
+    Accepts ``192.0.2.1``, ``192.0.2.1:4711``, ``2001:db8::1``, ``[2001:db8::1]:4711``, and
+    keeps anything else (``unknown``, an obfuscated ``_hidden``) as it is, without a port.
+    """
+    if value.startswith("["):
+        end = value.find("]")
+        if end > 0:
+            rest = value[end + 1 :]
+            port = rest[1:] if rest.startswith(":") and rest[1:].isdigit() else None
+            return value[1:end], port
+        return value, None
+    if value.count(":") == 1:
+        host, _, port = value.partition(":")
+        if port.isdigit() and len(port) <= 5:
+            return host, port
+    return value, None
+
+
+def parse_forwarded(value: str) -> list[dict[str, str]]:
+    """Parse an RFC 7239 ``Forwarded`` field value into its elements, left to right.
+
+    Each element maps lower-case parameter names (``for``, ``by``, ``proto``, ``host``) to
+    their values, unquoted. Repeated fields joined with ``,`` parse as one list.
+
+    Raises:
+        ValueError: the value does not follow the RFC 7239 section 4 grammar.
+    """
+    elements: list[dict[str, str]] = []
+    element: dict[str, str] = {}
+    i, n = 0, len(value)
+    while True:
+        while i < n and value[i] in " \t":
+            i += 1
+        if i < n and value[i] not in ",;":
+            eq = value.find("=", i)
+            if eq < 0:
+                raise ValueError("a forwarded-pair without '='")
+            name = value[i:eq].strip().lower()
+            if not name or not _TOKEN.fullmatch(name):
+                raise ValueError(f"bad parameter name {name!r}")
+            i = eq + 1
+            if i < n and value[i] == '"':
+                i += 1
+                chars: list[str] = []
+                while i < n and value[i] != '"':
+                    if value[i] == "\\" and i + 1 < n:
+                        i += 1
+                    chars.append(value[i])
+                    i += 1
+                if i >= n:
+                    raise ValueError("unterminated quoted-string")
+                i += 1
+                text = "".join(chars)
+            else:
+                start = i
+                while i < n and value[i] not in ",; \t":
+                    i += 1
+                text = value[start:i]
+                if not _TOKEN.fullmatch(text):
+                    raise ValueError(f"bad token {text!r}")
+            if name in element:
+                raise ValueError(f"parameter {name!r} repeated in one element")
+            element[name] = text
+            while i < n and value[i] in " \t":
+                i += 1
+        if i >= n:
+            elements.append(element)
+            return elements
+        if value[i] == ";":
+            i += 1
+        elif value[i] == ",":
+            elements.append(element)
+            element = {}
+            i += 1
+        else:
+            raise ValueError(f"unexpected {value[i]!r}")
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+class ProxyHeaders:
+    """Applies forwarded headers to the environ of a request from a trusted peer.
+
+    Which header sets what (the value of the nearest trusted proxy wins):
+
+    ========================  =======================================================
+    ``Forwarded`` (RFC 7239)  ``for`` → REMOTE_ADDR (and REMOTE_PORT), ``proto`` →
+                              wsgi.url_scheme, ``host`` → HTTP_HOST, SERVER_NAME,
+                              SERVER_PORT; from the element of the rightmost untrusted
+                              hop. When present, the three X-Forwarded headers below
+                              are ignored.
+    ``X-Forwarded-For``       REMOTE_ADDR: the rightmost untrusted hop; REMOTE_PORT
+                              becomes ``0`` unless the hop carries a port.
+    ``X-Forwarded-Proto``     wsgi.url_scheme (``http``, ``https``; ``ws``/``wss`` map
+                              to them); the last value.
+    ``X-Forwarded-Host``      HTTP_HOST, SERVER_NAME, SERVER_PORT; the last value.
+    ``X-Forwarded-Port``      SERVER_PORT (and HTTP_HOST's port); the last value.
+    ``X-Forwarded-Prefix``    prepended to SCRIPT_NAME (the proxy mounts the app there
+                              and strips it from the path); the last value.
+    ========================  =======================================================
+
+    A malformed value is ignored (the request is served as if it were absent). The headers stay
+    in the environ as ``HTTP_X_FORWARDED_*`` and ``HTTP_FORWARDED``.
+
+    Args:
+        trusted: the trusted peers, for picking the client among the hops.
+    """
+
+    __slots__ = ("trusted",)
+
+    def __init__(self, trusted: TrustedPeers) -> None:
+        self.trusted = trusted
+
+    def apply(self, environ: dict[str, Any]) -> None:
+        """Rewrite ``environ`` in place from its forwarded headers. Loop or worker thread."""
+        forwarded = environ.get("HTTP_FORWARDED")
+        if forwarded is not None:
+            self._forwarded(environ, forwarded)
+        else:
+            value = environ.get("HTTP_X_FORWARDED_FOR")
+            if value is not None:
+                hops = [hop.strip() for hop in value.split(",")]
+                if all(hops):
+                    self._set_client(environ, self.trusted.client_of(hops))
+            value = environ.get("HTTP_X_FORWARDED_PROTO")
+            if value is not None:
+                self._set_scheme(environ, _last(value))
+            value = environ.get("HTTP_X_FORWARDED_HOST")
+            if value is not None:
+                self._set_host(environ, _last(value))
+        value = environ.get("HTTP_X_FORWARDED_PORT")
+        if value is not None:
+            port = _last(value)
+            if port.isdigit() and len(port) <= 5 and int(port) <= 65535:
+                environ["SERVER_PORT"] = port
+                host = environ.get("HTTP_HOST")
+                if host:
+                    split = _split_host(host)
+                    if split is not None:
+                        name = split[0]
+                        default = _DEFAULT_PORTS.get(environ["wsgi.url_scheme"])
+                        environ["HTTP_HOST"] = name if port == default else f"{name}:{port}"
+        value = environ.get("HTTP_X_FORWARDED_PREFIX")
+        if value is not None:
+            prefix = _last(value).rstrip("/")
+            if prefix and _PREFIX.fullmatch(prefix):
+                if "%" in prefix:
+                    prefix = unquote_to_bytes(prefix).decode("latin-1")
+                environ["SCRIPT_NAME"] = prefix + environ["SCRIPT_NAME"]
+
+    def _forwarded(self, environ: dict[str, Any], value: str) -> None:
+        try:
+            elements = parse_forwarded(value)
+        except ValueError:
+            return
+        chosen = elements[0]
+        if not self.trusted.always:
+            for element in reversed(elements):
+                node = element.get("for")
+                if node is None or _node(node)[0] not in self.trusted:
+                    chosen = element
+                    break
+        node = chosen.get("for")
+        if node:
+            self._set_client(environ, node)
+        proto = chosen.get("proto")
+        if proto is not None:
+            self._set_scheme(environ, proto)
+        host = chosen.get("host")
+        if host is not None:
+            self._set_host(environ, host)
+
+    @staticmethod
+    def _set_client(environ: dict[str, Any], hop: str) -> None:
+        host, port = _node(hop)
+        environ["REMOTE_ADDR"] = host
+        environ["REMOTE_PORT"] = port or "0"
+
+    @staticmethod
+    def _set_scheme(environ: dict[str, Any], value: str) -> None:
+        scheme = _SCHEMES.get(value.strip().lower())
+        if scheme is not None:
+            environ["wsgi.url_scheme"] = scheme
+
+    @staticmethod
+    def _set_host(environ: dict[str, Any], value: str) -> None:
+        split = _split_host(value.strip())
+        if split is None:
+            return
+        name, port = split
+        environ["HTTP_HOST"] = value.strip()
+        environ["SERVER_NAME"] = name[1:-1] if name.startswith("[") else name
+        environ["SERVER_PORT"] = port or _DEFAULT_PORTS.get(environ["wsgi.url_scheme"], "80")
+
+
+def _last(value: str) -> str:
+    """The last of comma-separated values: the one the nearest proxy set."""
+    return value.rpartition(",")[2].strip()
+
+
+# -- PROXY protocol ------------------------------------------------------------------------------
+
+#: The 12 bytes a PROXY protocol v2 header starts with.
+V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
+_V1_PREFIX: Final = b"PROXY "
+_V1_MAX: Final = 107  # the longest v1 line, CRLF included (section 2.1)
+_V2_FAMILIES: Final = {0x11: 4, 0x12: 4, 0x21: 16, 0x22: 16}
+
+
+class ProxyProtocolError(ValueError):
+    """A PROXY protocol header is malformed: answer 400 and close the connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyInfo:
+    """What a PROXY protocol header says about the connection.
+
+    Attributes:
+        version: 1 (text) or 2 (binary).
+        source: the client's (address, port), or None when the header carries none (v1
+            ``UNKNOWN``, v2 ``LOCAL`` such as a load balancer's health check, UNIX or
+            unspecified families): then the connection's own addresses stand.
+        destination: the (address, port) the client connected to, or None likewise.
+    """
+
+    version: Literal[1, 2]
+    source: tuple[str, int] | None
+    destination: tuple[str, int] | None
+
+
+def parse_proxy_header(data: bytes | bytearray) -> tuple[ProxyInfo | None, int] | None:
+    """Parse a PROXY protocol header at the start of ``data``.
+
+    Returns:
+        None when more bytes are needed to decide; ``(None, 0)`` when ``data`` does not start
+        with a PROXY header (it is the first request itself); ``(info, length)`` for a complete
+        header of ``length`` bytes.
+
+    Raises:
+        ProxyProtocolError: the bytes start like a PROXY header but are not a valid one.
+    """
+    if data[:6] == _V1_PREFIX:
+        return _parse_v1(data)
+    if data[:12] == V2_SIGNATURE:
+        return _parse_v2(data)
+    if len(data) < 12 and (
+        V2_SIGNATURE.startswith(data) or (len(data) < 6 and _V1_PREFIX.startswith(data))
+    ):
+        return None
+    return None, 0
+
+
+def _parse_v1(data: bytes | bytearray) -> tuple[ProxyInfo, int] | None:
+    end = data.find(b"\r\n", 0, _V1_MAX)
+    if end < 0:
+        if len(data) >= _V1_MAX:
+            raise ProxyProtocolError("PROXY v1 line longer than 107 bytes")
+        return None
+    parts = bytes(data[:end]).split(b" ")
+    if len(parts) >= 2 and parts[1] == b"UNKNOWN":
+        return ProxyInfo(1, None, None), end + 2
+    if len(parts) != 6 or parts[1] not in (b"TCP4", b"TCP6"):
+        raise ProxyProtocolError("PROXY v1 line is not 'PROXY TCP4|TCP6 SRC DST SPORT DPORT'")
+    version = 4 if parts[1] == b"TCP4" else 6
+    source = (_v1_address(parts[2], version), _v1_port(parts[4]))
+    destination = (_v1_address(parts[3], version), _v1_port(parts[5]))
+    return ProxyInfo(1, source, destination), end + 2
+
+
+def _v1_address(text: bytes, version: int) -> str:
+    try:
+        address = ipaddress.ip_address(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProxyProtocolError("PROXY v1 address is not an IP address") from None
+    if address.version != version:
+        raise ProxyProtocolError(f"PROXY v1 address is not IPv{version}")
+    return str(address)
+
+
+def _v1_port(text: bytes) -> int:
+    if not (text.isdigit() and len(text) <= 5 and int(text) <= 65535):
+        raise ProxyProtocolError("PROXY v1 port is not a number from 0 to 65535")
+    return int(text)
+
+
+def _parse_v2(data: bytes | bytearray) -> tuple[ProxyInfo, int] | None:
+    if len(data) < 16:
+        return None
+    version_command, family = data[12], data[13]
+    length = int.from_bytes(data[14:16], "big")
+    if version_command >> 4 != 2:
+        raise ProxyProtocolError("PROXY v2 header with a version other than 2")
+    command = version_command & 0x0F
+    if command > 1:
+        raise ProxyProtocolError("PROXY v2 header with an unknown command")
+    if len(data) < 16 + length:
+        return None
+    total = 16 + length
+    if command == 0:  # LOCAL: the proxy's own connection (health checks); addresses ignored
+        return ProxyInfo(2, None, None), total
+    size = _V2_FAMILIES.get(family)
+    if size is None:
+        if family in (0x00, 0x31, 0x32):  # UNSPEC, UNIX stream/datagram: no IP address
+            return ProxyInfo(2, None, None), total
+        raise ProxyProtocolError("PROXY v2 header with an unknown address family")
+    if length < 2 * size + 4:
+        raise ProxyProtocolError("PROXY v2 address block shorter than its family needs")
+    block = bytes(data[16 : 16 + 2 * size + 4])
+    make = ipaddress.IPv4Address if size == 4 else ipaddress.IPv6Address
+    source = (str(make(block[:size])), int.from_bytes(block[2 * size : 2 * size + 2], "big"))
+    destination = (
+        str(make(block[size : 2 * size])),
+        int.from_bytes(block[2 * size + 2 : 2 * size + 4], "big"),
+    )
+    return ProxyInfo(2, source, destination), total
+
+
+class ProxyProtocolReader:
+    """Collects the bytes at the start of one connection until its PROXY header is complete.
+
+    Sans-IO: the channel passes what it received to :meth:`feed` until it gets the bytes that
+    follow the header, which are HTTP. A connection that does not start with a header is
+    served as it is (as gunicorn's ``proxy_protocol = auto``; HAProxy's health checks, for one,
+    come without a header unless ``check-send-proxy`` is set). Loop thread only.
+    """
+
+    __slots__ = ("_buffer", "info")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        #: The parsed header, once :meth:`feed` has returned bytes; None if there was none.
+        self.info: ProxyInfo | None = None
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Take received bytes; return None while the header is incomplete, then the bytes
+        after it (possibly empty).
+
+        Raises:
+            ProxyProtocolError: the header is malformed.
+        """
+        buffer = self._buffer
+        buffer += data
+        result = parse_proxy_header(buffer)
+        if result is None:
+            return None
+        self.info, length = result
+        rest = bytes(buffer[length:])
+        buffer.clear()
+        return rest
+
+
+# -- per server ----------------------------------------------------------------------------------
+
+
+class ProxySupport:
+    """The proxy settings of one server, decided once per connection. Immutable.
+
+    Args:
+        config: ``proxy_headers``, ``forwarded_allow_ips`` and ``proxy_protocol`` are used.
+    """
+
+    __slots__ = ("headers", "protocol", "trusted")
+
+    def __init__(self, config: Config) -> None:
+        self.trusted = TrustedPeers(config.forwarded_allow_ips or "127.0.0.1")
+        #: The header rewriter, or None when ``--no-proxy-headers``.
+        self.headers: ProxyHeaders | None = (
+            ProxyHeaders(self.trusted) if config.proxy_headers else None
+        )
+        self.protocol = config.proxy_protocol
+
+    def for_peer(self, host: str | None) -> tuple[ProxyHeaders | None, ProxyProtocolReader | None]:
+        """What a connection from ``host`` gets: the header rewriter and a PROXY reader.
+
+        Args:
+            host: the peer's IP address, or None for a UNIX-socket peer (always trusted: only
+                processes allowed to open the socket file can connect).
+
+        Returns:
+            ``(headers, reader)``: each None when it is off or the peer is not trusted.
+        """
+        if host is not None and host not in self.trusted:
+            return None, None
+        return self.headers, (ProxyProtocolReader() if self.protocol else None)
+
+    def headers_for(self, host: str) -> ProxyHeaders | None:
+        """The header rewriter for a client whose address came from a PROXY header."""
+        return self.headers if host in self.trusted else None
