@@ -1046,6 +1046,7 @@ class Options:
     install: bool
     reinstall: bool
     render: str | None = None
+    render_output: str | None = None
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -1083,8 +1084,9 @@ def parse_args(argv: Sequence[str]) -> Options:
     parser.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     parser.add_argument(
         "--render",
-        metavar="NAME",
-        help="measure nothing: render results/NAME.json again into NAME.md and the charts",
+        metavar="NAME[,NAME...]",
+        help="measure nothing: render results/NAME.json again (into --output, default the first "
+        "NAME); with several names, each later file's scenarios replace the earlier ones'",
     )
     parser.add_argument("--no-install", action="store_true", help="use the venv as it is")
     parser.add_argument("--reinstall", action="store_true", help="pip install everything again")
@@ -1123,6 +1125,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         install=not args.no_install,
         reinstall=args.reinstall,
         render=args.render,
+        render_output=args.output,
     )
 
 
@@ -1391,6 +1394,7 @@ class Report:
         self.opts = opts
         self.started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         self.revision = git_revision()
+        self.notes: list[str] = []
         self.results: list[RunResult] = []
         self.machine = machine_info()
         self.versions = collect_versions(opts.servers)
@@ -1406,10 +1410,24 @@ class Report:
         report.results = [RunResult(**run) for run in data["runs"]]
         report.machine = data["machine"]
         report.versions = data["versions"]
+        report.notes = data.get("notes", [])
         return report
 
     def add(self, result: RunResult) -> None:
         self.results.append(result)
+
+    def merge(self, later: Report) -> None:
+        """Take ``later``'s runs for the scenarios it measured, dropping ours for those."""
+        replaced = set(later.opts.scenarios) & {r.scenario for r in later.results}
+        self.results = [r for r in self.results if r.scenario not in replaced]
+        self.results += later.results
+        self.opts.scenarios += [s for s in later.opts.scenarios if s not in self.opts.scenarios]
+        self.opts.servers += [s for s in later.opts.servers if s not in self.opts.servers]
+        self.versions.update(later.versions)
+        self.notes.append(
+            f"Scenarios {', '.join(sorted(replaced))} were measured again on {later.started} "
+            f"at revision `{later.revision}` and replace the first run's."
+        )
 
     def summaries(self, scenario: str) -> list[Summary]:
         out = []
@@ -1451,6 +1469,7 @@ class Report:
             "other processes during a measurement (more than a few %: rerun on a quiet machine).",
             "",
         ]
+        lines += [*self.notes, ""] if self.notes else []
         lines += self.markdown_overview()
         for scenario in self.scenarios_done():
             lines += self.markdown_scenario(scenario)
@@ -1604,6 +1623,7 @@ class Report:
         return {
             "started": self.started,
             "revision": self.revision,
+            "notes": self.notes,
             "machine": self.machine,
             "versions": self.versions,
             "options": dataclasses.asdict(self.opts),
@@ -1698,13 +1718,21 @@ def pin_self(opts: Options) -> None:
             os.sched_setaffinity(0, {int(opts.client_cpu.split(",")[0])})
 
 
-def render_again(name: str, charts: bool) -> int:
-    path = RESULTS_DIR / f"{name}.json"
-    try:
-        report = Report.load(path)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log(f"cannot load {path}: {exc}")
-        return 1
+def render_again(names: str, output: str | None, charts: bool) -> int:
+    """Re-render saved results; merge several runs scenario by scenario."""
+    reports: list[Report] = []
+    for name in names.split(","):
+        path = RESULTS_DIR / f"{name.strip()}.json"
+        try:
+            reports.append(Report.load(path))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log(f"cannot load {path}: {exc}")
+            return 1
+    report = reports[0]
+    for later in reports[1:]:
+        report.merge(later)
+    if output:
+        report.opts.output = output
     report.write()
     if charts:
         report.charts()
@@ -1717,7 +1745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     reexec_in_venv(opts, argv)
     if opts.render:
-        return render_again(opts.render, charts=opts.charts)
+        return render_again(opts.render, opts.render_output, charts=opts.charts)
     ensure_system_tools(need_nginx="nginx" in opts.servers)
     if shutil.which("wrk") is None:
         log("wrk is not installed and could not be installed (apt-get install wrk)")
