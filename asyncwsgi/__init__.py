@@ -10,6 +10,8 @@ Public API:
 - :func:`run`: ``asyncwsgi.run(app, port=8000)``, blocking, with signal handling.
 - :class:`Server`: the server object (bound addresses, started signal, ``shutdown(timeout)``).
 - :class:`Config`: every setting, the single source of truth for the CLI and the API.
+- :func:`make_server`: ``wsgiref.simple_server.make_server`` with the same shape
+  (``serve_forever()``, ``shutdown()``...), see :mod:`asyncwsgi.simple_server`.
 - :class:`FileWrapper`: the ``wsgi.file_wrapper`` type.
 - errors: :class:`AsyncWSGIError`, :class:`ConfigError`, :class:`ClientDisconnected`.
 """
@@ -22,6 +24,7 @@ from .config import Config
 from .errors import AsyncWSGIError, ClientDisconnected, ConfigError
 from .filewrapper import FileWrapper
 from .server import Server, run, serve
+from .simple_server import make_server
 
 __all__ = [
     "__version__",
@@ -31,6 +34,7 @@ __all__ = [
     "ConfigError",
     "FileWrapper",
     "Server",
+    "make_server",
     "run",
     "serve",
 ]
