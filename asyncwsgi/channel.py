@@ -29,10 +29,10 @@ from .config import Config
 from .environ import build_environ, connection_environ
 from .errors import RequestRejected
 from .filewrapper import FileWrapper
-from .http11 import PAUSED, ServerConnection
+from .http11 import PAUSED, ServerConnection, reason_phrase
 from .logs import access_logger, error_logger, escape
 from .proxy import ProxyHeaders, ProxyProtocolError, ProxyProtocolReader, ProxySupport
-from .wsgi import run_wsgi
+from .wsgi import RETRY_AFTER, LogThrottle, run_wsgi
 
 if TYPE_CHECKING:
     from ._types import WSGIApplication
@@ -60,6 +60,11 @@ class ServerState:
         server_header: the ``(b"Server", b"asyncwsgi")`` pair, or None.
         shutting_down: set when a graceful shutdown has begun (no new keep-alive cycles).
         multiprocess: ``wsgi.multiprocess``.
+        requests_active: requests handed to the pool whose response has not ended (running or
+            waiting for a thread), for ``--limit-concurrency``.
+        on_connections_full: called when ``--limit-max-connections`` connections are open
+            (the server stops accepting); ``on_connections_room`` when one of them closed.
+        overload_log: throttles the warnings about overload.
     """
 
     def __init__(
@@ -75,6 +80,12 @@ class ServerState:
         )
         self.shutting_down = False
         self.multiprocess = multiprocess
+        self.requests_active = 0
+        self.on_connections_full: Callable[[], None] | None = None
+        self.on_connections_room: Callable[[], None] | None = None
+        self.overload_log = LogThrottle()
+        #: Responses completed, for ``--max-requests``.
+        self.requests_done = 0
         self.idle_changed: asyncio.Event | None = None
         #: Forwarded headers and the PROXY protocol (asyncwsgi.proxy).
         self.proxy = ProxySupport(config)
@@ -147,7 +158,17 @@ class HTTPChannel(asyncio.Protocol):
         self.proxy_headers: ProxyHeaders | None = None
         self._proxy_reader: ProxyProtocolReader | None = None
         self.closing = False
+        #: Loop time since which the connection waits for a request with no byte of it yet.
         self.idle_since: float | None = None
+        #: Closing, but reading and discarding what the client still sends (see _linger).
+        self.lingering = False
+        self._linger_since = 0.0
+        self._peer_eof = False
+        # Sweep-observed: since when a request head has been incomplete, and since when the
+        # unsent output has stayed at _stall_size bytes.
+        self._head_since: float | None = None
+        self._stall_size = 0
+        self._stall_since = 0.0
         self._paused = 0
 
     # -- asyncio.Protocol callbacks --------------------------------------------------------
@@ -189,10 +210,20 @@ class HTTPChannel(asyncio.Protocol):
         )
         transport.set_write_buffer_limits(high=config.write_high_water)
         self.idle_since = self.loop.time()
-        self.state.channels.add(self)
+        channels = self.state.channels
+        channels.add(self)
+        limit = config.limit_max_connections
+        if limit and len(channels) >= limit:
+            if len(channels) > limit:
+                # Accepted in the same burst as the one that reached the limit.
+                self.abort()
+            elif self.state.on_connections_full is not None:
+                self.state.on_connections_full()
 
     def data_received(self, data: bytes) -> None:
         """Parse what arrived; start, feed or reject requests."""
+        if self.lingering:
+            return  # discarded: the response has gone out, the connection is closing
         self.idle_since = None
         if self._proxy_reader is not None:
             rest = self._read_proxy_header(data)
@@ -234,6 +265,12 @@ class HTTPChannel(asyncio.Protocol):
         Over TLS there is no half-close (the TLS transport closes itself after this returns,
         and warns if it returned True).
         """
+        if self.lingering:
+            return False  # the client has read the response and closed: close too
+        self._peer_eof = True
+        cycle = self.cycle
+        if cycle is not None and cycle.sink is not None:
+            cycle.sink.peer_closed = True
         keep_open = self.url_scheme != "https"
         try:
             events = self.conn.receive_data(b"")
@@ -246,15 +283,22 @@ class HTTPChannel(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Release everything: wake the worker (its next hand-off raises), stop any sendfile."""
         self.closing = True
-        self.state.channels.discard(self)
+        state = self.state
+        channels = state.channels
+        channels.discard(self)
         cycle = self.cycle
         if cycle is not None:
+            if cycle.sink is not None:
+                state.requests_active -= 1
+                # The sink first: a worker woken by the body's error finds it disconnected.
+                cycle.sink.disconnect()
             if cycle.body is not None:
                 cycle.body.disconnect()
-            if cycle.sink is not None:
-                cycle.sink.disconnect()
             if cycle.file_sender is not None:
                 cycle.file_sender.cancel()
+        limit = self.config.limit_max_connections
+        if limit and len(channels) < limit and state.on_connections_room is not None:
+            state.on_connections_room()
         self._notify_idle()
 
     def pause_writing(self) -> None:
@@ -309,9 +353,18 @@ class HTTPChannel(asyncio.Protocol):
             cycle.body.disconnect("client closed the connection before the body was complete")
 
     def _dispatch(self, cycle: _Cycle) -> None:
-        """Build the environ and submit the request to the thread pool (one crossing)."""
-        call = self.loop.call_soon_threadsafe
+        """Build the environ and submit the request to the thread pool (one crossing).
+
+        Over ``--limit-concurrency`` the request is answered 503 here instead.
+        """
         config = self.config
+        state = self.state
+        limit = config.limit_concurrency
+        if limit and state.requests_active >= limit:
+            self._overloaded(cycle)
+            return
+        state.requests_active += 1
+        call = self.loop.call_soon_threadsafe
         if cycle.body_complete:
             chunks = cycle.chunks
             body: Any = (
@@ -325,7 +378,7 @@ class HTTPChannel(asyncio.Protocol):
                 self,
                 config.read_high_water,
                 self.conn.they_are_waiting_for_100_continue,
-                config.timeout_write,
+                config.timeout_read,
             )
             for chunk in cycle.chunks:
                 if body.feed(chunk):
@@ -337,7 +390,8 @@ class HTTPChannel(asyncio.Protocol):
         sink = cycle.sink = ResponseSink(
             call, self, config.write_high_water, config.timeout_write, self.can_sendfile
         )
-        self.state.pool.submit(run_wsgi, self.state.app, environ, sink)
+        environ["asyncwsgi.client_disconnected"] = sink.client_disconnected
+        state.pool.submit(run_wsgi, state.app, environ, sink, cycle.started, config.timeout_queue)
 
     # -- BodyTarget: asked by the worker through call_soon_threadsafe ------------------------------
 
@@ -479,9 +533,13 @@ class HTTPChannel(asyncio.Protocol):
 
     def _finish_cycle(self, cycle: _Cycle, keep_alive: bool) -> None:
         """Log the access line, then start the next keep-alive cycle or close."""
+        self.state.requests_done += 1
         if access_logger.isEnabledFor(logging.INFO):
             self._log_access(cycle)
         self.cycle = None
+        if cycle.sink is not None:
+            self.state.requests_active -= 1
+        self._head_since = None
         conn = self.conn
         if conn.bytes_discarded:
             error_logger.error(
@@ -491,7 +549,7 @@ class HTTPChannel(asyncio.Protocol):
             )
             conn.bytes_discarded = 0
         if not keep_alive or not conn.keep_alive or self.state.shutting_down:
-            self.close()
+            self._close_after_response()
             return
         conn.start_next_cycle()
         self.idle_since = self.loop.time()
@@ -557,14 +615,114 @@ class HTTPChannel(asyncio.Protocol):
         )
         cycle = self.cycle
         if cycle is not None:
-            if cycle.body is not None:
-                cycle.body.disconnect("invalid request body")
             if cycle.sink is not None:
                 cycle.sink.disconnect()
+            if cycle.body is not None:
+                cycle.body.disconnect("invalid request body")
         data = self.conn.send_rejection(exc.status, exc.reason, self.state.date_header)
         if data and self.transport is not None and not self.closing:
             self.transport.write(data)
-        self.close()
+        self._close_after_response()
+
+    def _answer(self, cycle: _Cycle, status: int, *extra: tuple[bytes, bytes]) -> None:
+        """Answer the request in flight with a short plain-text ``status``; then close."""
+        reason = reason_phrase(status)
+        body = b"%d %s\n" % (status, reason)
+        headers = [
+            (b"Content-Type", b"text/plain; charset=utf-8"),
+            (b"Connection", b"close"),
+            *extra,
+        ]
+        conn = self.conn
+        try:
+            out = [conn.send_response(status, reason, headers, self.state.date_header, len(body))]
+            out.extend(conn.send_data(body))
+            out.append(conn.send_end() or b"")
+        except h11.LocalProtocolError:
+            self.abort()  # a response had already begun: only cutting is left
+            return
+        cycle.status = status
+        assert self.transport is not None
+        self.transport.write(b"".join(out))
+        self._finish_cycle(cycle, keep_alive=False)
+
+    def _overloaded(self, cycle: _Cycle) -> None:
+        """Answer 503 at once: ``--limit-concurrency`` requests are in progress."""
+        state = self.state
+        count = state.overload_log.ready()
+        if count:
+            error_logger.warning(
+                "%d requests in progress (--limit-concurrency): answered 503 to %s "
+                "(%d such request(s) since the last report)",
+                state.requests_active,
+                self._request_line(cycle),
+                count,
+            )
+        self._answer(cycle, 503, (b"Retry-After", RETRY_AFTER))
+
+    def _head_timeout(self) -> None:
+        """Answer 408 to a request head not complete within ``timeout_request_header``."""
+        if error_logger.isEnabledFor(logging.INFO):
+            error_logger.info(
+                "No complete request head from %s in %g s (--timeout-request-header): 408",
+                self.client,
+                self.config.timeout_request_header,
+            )
+        data = self.conn.send_rejection(
+            408, "request head not complete in time", self.state.date_header
+        )
+        if data and self.transport is not None:
+            self.transport.write(data)
+        self._linger()  # the client may be sending the rest of its head
+
+    def _request_timeout(self, cycle: _Cycle, sink: ResponseSink) -> None:
+        """Answer 504: the app has not started its response within ``timeout_request``.
+
+        The worker is not stopped (Python cannot): its next hand-off raises, so its output is
+        discarded and its ``close()`` runs; a read of the body raises at once.
+        """
+        error_logger.error(
+            "%s did not start its response in %g s (--timeout-request): answered 504; "
+            "its output will be discarded",
+            self._request_line(cycle),
+            self.config.timeout_request,
+        )
+        sink.disconnect()
+        if cycle.body is not None:
+            cycle.body.disconnect("the request timed out")
+        self._answer(cycle, 504)
+
+    def _close_after_response(self) -> None:
+        """Close; linger first when the client may still be sending.
+
+        Closing a socket with unread input makes the kernel send a reset, which can destroy
+        the response before the client has read it (RFC 9112 section 9.6).
+        """
+        if self.closing:
+            return
+        their_state = self.conn.h11_connection.their_state
+        if self._peer_eof or (
+            not self._paused and (their_state is h11.DONE or their_state is h11.MUST_CLOSE)
+        ):
+            self.close()
+        else:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Half-close, then read and discard input until the client closes or for
+        ``timeout_linger`` seconds after the output has drained (nginx's lingering close)."""
+        transport = self.transport
+        if transport is None or self.config.timeout_linger <= 0:
+            self.close()
+            return
+        self.closing = self.lingering = True
+        self._linger_since = self.loop.time()
+        if transport.can_write_eof():
+            transport.write_eof()  # after the buffered output, as shutdown(SHUT_WR)
+        if self._paused:
+            self._paused = 0
+            transport.resume_reading()
+        self._notify_idle()
 
     def _pause_reading(self, reason: int) -> None:
         if not self._paused and self.transport is not None and not self.closing:
@@ -590,23 +748,89 @@ class HTTPChannel(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def check_timeouts(self, now: float) -> None:
-        """Close the connection if it has been idle longer than the keep-alive timeout.
+    def check_timeouts(self, now: float, perf_now: float) -> None:
+        """Enforce the connection's timeouts. Loop thread; the server's sweep calls it.
 
-        Called about once a second (more often for short timeouts) by the server.
+        The sweep runs about once a second (more often for short timeouts) and compares
+        timestamps the connection keeps, so no request arms a timer. It closes a connection
+        idle past ``timeout_keep_alive``, answers 408 to a head incomplete past
+        ``timeout_request_header`` and 504 to a request without a response head past
+        ``timeout_request``, cuts a connection whose unsent output has not moved for
+        ``timeout_write`` (a response, a sendfile or a closing connection's last bytes), and
+        ends a lingering close after ``timeout_linger``.
+
+        Args:
+            now: ``loop.time()``, in seconds.
+            perf_now: ``time.perf_counter()``, the clock of request start times.
         """
-        idle_since = self.idle_since
+        transport = self.transport
+        if transport is None:
+            return
+        config = self.config
+        cycle = self.cycle
+        pending = transport.get_write_buffer_size()
+        if cycle is not None and cycle.file_sender is not None:
+            pending += cycle.file_sender.left
+        if pending != self._stall_size:
+            self._stall_size = pending
+            self._stall_since = now
+        elif pending and config.timeout_write and now - self._stall_since >= config.timeout_write:
+            if error_logger.isEnabledFor(logging.INFO):
+                error_logger.info(
+                    "Client %s read nothing for %g s (--timeout-write); closing the connection",
+                    self.client,
+                    config.timeout_write,
+                )
+            self.abort()
+            return
+        if self.lingering:
+            if pending:
+                self._linger_since = now
+            elif now - self._linger_since >= config.timeout_linger:
+                self.abort()
+            return
+        if self.closing:
+            return
+        if cycle is None:
+            header_timeout = config.timeout_request_header
+            idle_since = self.idle_since
+            if idle_since is not None:
+                idle = now - idle_since
+                if idle < config.timeout_keep_alive and (
+                    not header_timeout or idle < header_timeout
+                ):
+                    return
+                if header_timeout and self.conn.h11_connection.trailing_data[0]:
+                    # Pipelined bytes of a next head wait: its clock started when the previous
+                    # response ended.
+                    self.idle_since = None
+                    self._head_since = idle_since
+                    if idle >= header_timeout:
+                        self._head_timeout()
+                elif idle >= config.timeout_keep_alive:
+                    self.close()
+            elif header_timeout:
+                head_since = self._head_since
+                if head_since is None:
+                    self._head_since = now
+                elif now - head_since >= header_timeout:
+                    self._head_timeout()
+            return
+        sink = cycle.sink
+        timeout = config.timeout_request
         if (
-            idle_since is not None
-            and self.cycle is None
-            and now - idle_since >= self.config.timeout_keep_alive
+            timeout
+            and sink is not None
+            and not sink.head_sent
+            and not cycle.status
+            and perf_now - cycle.started >= timeout
         ):
-            self.close()
+            self._request_timeout(cycle, sink)
 
     @property
     def in_flight(self) -> bool:
-        """Whether a request is being served on this connection."""
-        return self.cycle is not None
+        """Whether a request is being served on this connection (and it is not closing)."""
+        return self.cycle is not None and not self.closing
 
 
 class _FileSender:

@@ -136,17 +136,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         serve_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     app_spec = args.pop("app")
-    if "bind" in args:
-        args["bind"] = tuple(args["bind"])
+    for name in ("bind", "reload_dir", "reload_include", "reload_exclude"):
+        if name in args:
+            args[name] = tuple(args[name])
+    if "workers" not in args and os.environ.get("WEB_CONCURRENCY", "").isdigit():
+        args["workers"] = int(os.environ["WEB_CONCURRENCY"])  # gunicorn and uvicorn read it too
     try:
         config = Config(**args)
     except ConfigError as exc:
         serve_parser.error(str(exc))
     try:
+        if config.reload or config.workers > 1 or config.max_requests:
+            return _supervise(app_spec, config)
         app = load_app(app_spec, app_dir=config.app_dir, factory=config.factory)
     except AppLoadError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        return _listen_error(config, exc)
     from .server import run
 
     try:
@@ -155,13 +162,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        where = ", ".join(_describe(spec) for spec in config.listen_specs())
-        reason = exc.strerror or str(exc)
-        print(f"Error: could not listen at {where}: {reason}", file=sys.stderr)
-        return 1
+        return _listen_error(config, exc)
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _supervise(app_spec: str, config: Config) -> int:
+    """Run ``--workers`` processes or ``--reload``; each worker imports the app after fork."""
+    import functools
+
+    from .logs import configure_logging
+    from .supervisor import Supervisor
+
+    # Fail fast on a malformed APP; whether it imports is found out in the worker.
+    module_name = app_spec.partition(":")[0]
+    if not module_name:
+        raise AppLoadError(f"APP must be MODULE:ATTRIBUTE, got {app_spec!r}")
+    configure_logging(config.log_level, config.access_log)
+    loader = functools.partial(load_app, app_spec, app_dir=config.app_dir, factory=config.factory)
+    return Supervisor(loader, config).run()
+
+
+def _listen_error(config: Config, exc: OSError) -> int:
+    where = ", ".join(_describe(spec) for spec in config.listen_specs())
+    reason = exc.strerror or str(exc)
+    print(f"Error: could not listen at {where}: {reason}", file=sys.stderr)
+    return 1
 
 
 def _describe(spec: BindSpec) -> str:

@@ -69,20 +69,87 @@ class Config:
         "slow connections hold no thread, so this bounds concurrent app calls only.",
     )
     loop: LoopName = _opt("auto", "Event loop: auto (uvloop when installed), asyncio or uvloop.")
+    workers: int = _opt(
+        1,
+        "Worker processes, each with its own event loop and threads (gunicorn's -w; the "
+        "WEB_CONCURRENCY environment variable sets it for the CLI). 1 serves in this process.",
+        "-w",
+    )
+    max_requests: int = _opt(
+        0,
+        "Restart a worker process after it has served this many requests (0: never); bounds "
+        "slow memory leaks in applications.",
+        "--limit-max-requests",
+    )
+    max_requests_jitter: int = _opt(
+        0, "Add up to this many requests at random to --max-requests, so workers restart apart."
+    )
+    reuse_port: bool = _opt(
+        False,
+        "Each worker binds its own socket with SO_REUSEPORT, and the kernel balances "
+        "connections between them (TCP only).",
+    )
+    reload: bool = _opt(
+        False, "Restart the server when Python files change (development; needs watchfiles)."
+    )
+    reload_dir: tuple[str, ...] = _opt(
+        (), "Watch this directory for --reload; repeatable (default: the current one).", repeat=True
+    )
+    reload_include: tuple[str, ...] = _opt(
+        (),
+        "Glob of files whose change restarts under --reload; repeatable (default *.py).",
+        repeat=True,
+    )
+    reload_exclude: tuple[str, ...] = _opt(
+        (), "Glob of files --reload ignores; repeatable (default .*, *.py[cod], *~).", repeat=True
+    )
 
     # -- timeouts (seconds) ------------------------------------------------------------------
+    # Checked by one housekeeping sweep over the connections (about once a second, more often
+    # for short timeouts), so a timeout fires up to a sweep late; no request arms a timer.
     timeout_keep_alive: float = _opt(
-        5.0, "Seconds an idle keep-alive connection stays open (uvicorn's default)."
+        5.0,
+        "Seconds a connection may stay idle, with no byte of a next request, before it is closed "
+        "(uvicorn's default). A new connection is idle until its first byte.",
+    )
+    timeout_request_header: float = _opt(
+        10.0,
+        "Seconds a client has to complete a request head once its first byte has arrived; then "
+        "it gets 408 and the connection closes (slowloris). nginx's client_header_timeout.",
+        "--header-timeout",
+    )
+    timeout_read: float = _opt(
+        60.0,
+        "Seconds a wsgi.input read waits for more request body data before raising "
+        "ClientDisconnected; the client then gets 408 unless the app answers itself. nginx's "
+        "client_body_timeout.",
+    )
+    timeout_write: float = _opt(
+        60.0,
+        "Seconds a response may wait for a client that reads nothing: then the app's iteration "
+        "is stopped (its close() runs) and the connection is cut. nginx's send_timeout.",
+    )
+    timeout_request: float = _opt(
+        0.0,
+        "Seconds from a request's head to the start of its response; past it the client gets 504 "
+        "and the connection closes, and the app's output is discarded when it comes (its close() "
+        "still runs). Body upload time counts, as for gunicorn's --timeout. 0 disables.",
+    )
+    timeout_queue: float = _opt(
+        30.0,
+        "Seconds a request may wait for a free thread; one that waited longer gets 503 with "
+        "Retry-After instead of running late, when its client has likely given up. 0 disables.",
+    )
+    timeout_linger: float = _opt(
+        5.0,
+        "Seconds a connection closed while its client may still be sending (a 413, a body the "
+        "app did not read) keeps reading and discarding input after its response went out, so "
+        "that the response is not lost to a TCP reset. nginx's lingering_timeout. 0 disables.",
     )
     timeout_graceful_shutdown: float = _opt(
         30.0,
         "Seconds in-flight requests get to finish on SIGTERM/SIGINT before connections are cut.",
         "--graceful-timeout",
-    )
-    timeout_write: float = _opt(
-        60.0,
-        "Seconds a response may wait for a client that stopped reading before the app's iteration "
-        "is stopped and the connection is closed.",
     )
 
     # -- limits (gunicorn's names) -----------------------------------------------------------
@@ -100,6 +167,19 @@ class Config:
     )
     limit_request_body: int = _opt(
         0, "Maximum request body size in bytes (413 above it); 0 means unlimited."
+    )
+    limit_concurrency: int = _opt(
+        0,
+        "Requests in progress (running or waiting for a thread) at which a new request gets an "
+        "immediate 503 with Retry-After (uvicorn's name); idle keep-alive connections do not "
+        "count. 0 means no limit.",
+    )
+    limit_max_connections: int = _opt(
+        0,
+        "Open connections at which the server stops accepting: new ones wait in the listen "
+        "backlog until one closes (gunicorn's --worker-connections, waitress's "
+        "connection_limit). 0 means no limit.",
+        "--worker-connections",
     )
 
     # -- buffers (bytes) ----------------------------------------------------------------------
@@ -188,6 +268,10 @@ class Config:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0-65535, got {self.port}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {self.workers}")
+        if self.max_requests < 0 or self.max_requests_jitter < 0:
+            raise ConfigError("max_requests and max_requests_jitter must not be negative")
         if self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
         if self.backlog < 1:
@@ -200,13 +284,20 @@ class Config:
             raise ConfigError(f"root_path must start and not end with '/', got {self.root_path!r}")
         for name in (
             "timeout_keep_alive",
-            "timeout_graceful_shutdown",
+            "timeout_request_header",
+            "timeout_read",
             "timeout_write",
+            "timeout_request",
+            "timeout_queue",
+            "timeout_linger",
+            "timeout_graceful_shutdown",
             "limit_request_line",
             "limit_request_fields",
             "limit_request_field_size",
             "limit_request_head",
             "limit_request_body",
+            "limit_concurrency",
+            "limit_max_connections",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")

@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,7 @@ from .channel import HTTPChannel, ServerState
 from .config import BindSpec, Config
 from .logs import error_logger, setup_logging
 from .tls import create_ssl_context
+from .wsgi import LogThrottle
 
 if TYPE_CHECKING:
     from ._types import WSGIApplication
@@ -63,6 +66,16 @@ class Server:
         self._pool: WorkerPool | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        # The listening sockets; each asyncio server listens on a duplicate of one (see _listen).
+        self._listeners: list[socket.socket] = []
+        self._listen: Callable[[socket.socket], Awaitable[asyncio.base_events.Server]] | None = None
+        self._accept_paused = False
+        self._resuming: asyncio.Task[None] | None = None
+        self._overload_log = LogThrottle()
+        self._max_requests = 0
+        #: Set when the server wants to stop on its own (``--max-requests``); ``serve()`` and
+        #: ``run()`` then shut down gracefully.
+        self.should_exit = asyncio.Event()
 
     @property
     def state(self) -> ServerState:
@@ -82,7 +95,11 @@ class Server:
         sslcontext = create_ssl_context(config)  # once, for every listener
         scheme = "https" if sslcontext is not None else "http"
         self._pool = WorkerPool(config.threads)
-        state = self._state = ServerState(config, self.app, self._pool)
+        state = self._state = ServerState(
+            config, self.app, self._pool, multiprocess=config.workers > 1
+        )
+        if config.max_requests:
+            self._max_requests = config.max_requests + random.randint(0, config.max_requests_jitter)
         state.idle_changed = asyncio.Event()
         sockets = self._sockets
         if sockets is None:
@@ -94,15 +111,30 @@ class Server:
                 for sock in sockets:
                     sock.close()
                 raise
+
+        async def listen(sock: socket.socket) -> asyncio.base_events.Server:
+            # On a duplicate: closing the asyncio server, to pause accepting, closes only the
+            # duplicate, and leaves the listening socket and its backlog in place.
+            dup = sock.dup()
+            try:
+                return await loop.create_server(
+                    lambda: HTTPChannel(state, scheme),
+                    sock=dup,
+                    backlog=config.backlog,
+                    ssl=sslcontext,
+                )
+            except BaseException:
+                dup.close()
+                raise
+
+        self._listen = listen
         for sock in sockets:
-            server = await loop.create_server(
-                lambda: HTTPChannel(state, scheme),
-                sock=sock,
-                backlog=config.backlog,
-                ssl=sslcontext,
-            )
-            self._servers.append(server)
+            self._listeners.append(sock)
+            self._servers.append(await listen(sock))
             self.addresses.append(sock.getsockname())
+        if config.limit_max_connections:
+            state.on_connections_full = self._pause_accepting
+            state.on_connections_room = self._resume_accepting
         self._housekeeping = loop.create_task(self._housekeep())
         for address in self.addresses:
             error_logger.info(
@@ -111,16 +143,91 @@ class Server:
         self.started.set()
 
     async def _housekeep(self) -> None:
-        """Refresh the Date header and close connections idle past their keep-alive timeout."""
+        """Refresh the Date header, enforce the connections' timeouts, report a saturated pool.
+
+        One sweep over the connections, about once a second, and four times per the shortest
+        timeout when that is shorter: requests arm no timers of their own.
+        """
         state = self.state
-        interval = min(1.0, max(0.01, self.config.timeout_keep_alive / 4))
+        config = self.config
+        pool = self._pool
+        assert pool is not None
+        timeouts = (
+            config.timeout_request_header,
+            config.timeout_write,
+            config.timeout_request,
+            config.timeout_linger,
+        )
+        shortest = min([config.timeout_keep_alive, *(t for t in timeouts if t > 0)])
+        interval = min(1.0, max(0.01, shortest / 4))
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
             state.refresh_date()
             now = loop.time()
+            perf_now = time.perf_counter()
             for channel in list(state.channels):
-                channel.check_timeouts(now)
+                channel.check_timeouts(now, perf_now)
+            queued = pool.queued
+            if queued and self._overload_log.ready():
+                # waitress's "Task queue depth" warning.
+                error_logger.warning(
+                    "All %d threads busy; task queue depth is %d", pool.max_threads, queued
+                )
+            limit = self._max_requests
+            if limit and state.requests_done >= limit and not self.should_exit.is_set():
+                error_logger.info(
+                    "Maximum request limit of %d exceeded. Terminating process.", limit
+                )
+                self.should_exit.set()
+
+    def _pause_accepting(self) -> None:
+        """Stop accepting: ``limit_max_connections`` connections are open. Loop thread.
+
+        The asyncio servers are closed, but not the listening sockets, so new connections wait
+        in the kernel's listen backlog (``--backlog``) until :meth:`_resume_accepting`.
+        """
+        if self._accept_paused or self.state.shutting_down:
+            return
+        self._accept_paused = True
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        count = self._overload_log.ready()
+        if count:
+            error_logger.warning(
+                "%d connections open (--limit-max-connections): not accepting new ones until "
+                "one closes",
+                len(self.state.channels),
+            )
+
+    def _resume_accepting(self) -> None:
+        """Accept again: a connection closed below ``limit_max_connections``. Loop thread."""
+        if self._accept_paused and self._resuming is None and not self.state.shutting_down:
+            self._resuming = asyncio.get_running_loop().create_task(self._resume())
+
+    async def _resume(self) -> None:
+        listen = self._listen
+        assert listen is not None
+        servers: list[asyncio.base_events.Server] = []
+        try:
+            for sock in self._listeners:
+                servers.append(await listen(sock))
+        except Exception:
+            error_logger.exception("Could not accept connections again")
+            for server in servers:
+                server.close()
+            return
+        finally:
+            self._resuming = None
+        if self.state.shutting_down:
+            for server in servers:
+                server.close()
+            return
+        self._servers.extend(servers)
+        self._accept_paused = False
+        if len(self.state.channels) >= self.config.limit_max_connections:
+            self._pause_accepting()
 
     async def wait_closed(self) -> None:
         """Wait until :meth:`shutdown` has completed."""
@@ -144,6 +251,10 @@ class Server:
         timeout = self.config.timeout_graceful_shutdown if timeout is None else timeout
         for server in self._servers:
             server.close()
+        for sock in self._listeners:
+            sock.close()
+        if self._resuming is not None:
+            self._resuming.cancel()
         for channel in list(state.channels):
             if not channel.in_flight:
                 channel.close()
@@ -219,6 +330,8 @@ def bind_socket(spec: BindSpec, config: Config) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if config.reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
@@ -273,10 +386,14 @@ async def serve(
     server = Server(app, config, sockets=sockets)
     await server.start()
     try:
-        if shutdown_trigger is None:
-            await asyncio.get_running_loop().create_future()
-        else:
-            await shutdown_trigger()
+        waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(server.should_exit.wait())]
+        if shutdown_trigger is not None:
+            waiters.append(asyncio.ensure_future(shutdown_trigger()))
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
     finally:
         await asyncio.shield(server.shutdown())
 
@@ -304,9 +421,13 @@ def run(
     config: Config | None = None,
     sockets: list[socket.socket] | None = None,
     configure_logs: bool = True,
+    on_started: Callable[[], object] | None = None,
     **options: Any,
 ) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then shut down gracefully. Blocks; main thread.
+
+    ``on_started`` is called on the loop once every socket accepts (a supervisor uses it to
+    learn that a new worker is ready).
 
     Creates the event loop named by ``config.loop`` (uvloop by default when installed), sets up
     logging to stderr unless ``configure_logs`` is False, and returns once every connection is
@@ -327,7 +448,7 @@ def run(
     loop = new_event_loop(config.loop)
     try:
         asyncio.set_event_loop(loop)
-        loop.run_until_complete(_main(app, config, sockets))
+        loop.run_until_complete(_main(app, config, sockets, on_started))
     finally:
         try:
             loop.run_until_complete(loop.shutdown_asyncgens())
@@ -336,10 +457,14 @@ def run(
             loop.close()
 
 
-async def _main(app: WSGIApplication, config: Config, sockets: list[socket.socket] | None) -> None:
+async def _main(
+    app: WSGIApplication,
+    config: Config,
+    sockets: list[socket.socket] | None,
+    on_started: Callable[[], object] | None,
+) -> None:
     loop = asyncio.get_running_loop()
     server = Server(app, config, sockets=sockets)
-    stop = asyncio.Event()
     signals = 0
 
     def on_signal(signum: int) -> None:
@@ -347,7 +472,7 @@ async def _main(app: WSGIApplication, config: Config, sockets: list[socket.socke
         signals += 1
         if signals == 1:
             error_logger.info("Received %s, shutting down", signal.Signals(signum).name)
-            stop.set()
+            server.should_exit.set()
         else:
             error_logger.info(
                 "Received %s again, closing connections now", signal.Signals(signum).name
@@ -359,8 +484,10 @@ async def _main(app: WSGIApplication, config: Config, sockets: list[socket.socke
         loop.add_signal_handler(signum, on_signal, signum)
     error_logger.info("Starting asyncwsgi (pid: %d, loop: %s)", os.getpid(), _loop_name(loop))
     await server.start()
+    if on_started is not None:
+        on_started()
     try:
-        await stop.wait()
+        await server.should_exit.wait()
     finally:
         await server.shutdown()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,257 @@
+"""Worker processes and --reload, with real processes, signals and sockets."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEADLINE = 20.0
+
+PID_APP = """
+import os
+
+def app(environ, start_response):
+    body = ("%d %s" % (os.getpid(), VERSION)).encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+
+VERSION = "{version}"
+"""
+
+
+class Proc:
+    """A server subprocess whose stderr lines are collected as they arrive."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str] = queue.Queue()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "asyncwsgi", "serve", *args],
+            cwd=cwd,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._queue.put(line)
+
+    def wait_for(self, pattern: str, count: int = 1) -> list[str]:
+        """Wait until ``count`` stderr lines (in all) match ``pattern``; return them."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            found = [line for line in self.lines if regex.search(line)]
+            if len(found) >= count:
+                return found
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {count}x {pattern!r} in:\n{''.join(self.lines)}")
+            try:
+                self.lines.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
+                continue
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(DEADLINE)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._reader.join(DEADLINE)
+            assert self.proc.stderr is not None
+            self.proc.stderr.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get(port: int) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        assert response.status == 200
+        return response.read().decode()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    (tmp_path / "pidapp.py").write_text(PID_APP.format(version="v1"))
+    return tmp_path
+
+
+@pytest.fixture
+def workers(app_dir: Path) -> Iterator[tuple[Proc, int]]:
+    port = _free_port()
+    proc = Proc(["pidapp:app", "--port", str(port), "-w", "2", "--no-access-log"], app_dir)
+    proc.wait_for("Listening at", count=2)
+    yield proc, port
+    proc.stop()
+
+
+def _worker_pids(proc: Proc) -> set[int]:
+    return {
+        int(m) for line in proc.lines for m in re.findall(r"Booting worker with pid: (\d+)", line)
+    }
+
+
+def test_workers_serve_and_share_the_socket(workers: tuple[Proc, int]) -> None:
+    proc, port = workers
+    pids = _worker_pids(proc)
+    assert len(pids) == 2
+    seen = {int(_get(port).split()[0]) for _ in range(40)}
+    assert seen  # only workers answer, never the supervisor
+    assert seen <= pids
+
+
+def test_killed_worker_is_replaced(workers: tuple[Proc, int]) -> None:
+    proc, port = workers
+    victim = min(_worker_pids(proc))
+    os.kill(victim, signal.SIGKILL)
+    proc.wait_for(rf"Worker \(pid: {victim}\) died with SIGKILL; starting a new one")
+    proc.wait_for("Listening at", count=3)
+    assert len(_worker_pids(proc)) == 3
+    assert _get(port).split()[1] == "v1"
+
+
+def test_sighup_reloads_without_failed_requests(workers: tuple[Proc, int]) -> None:
+    proc, port = workers
+    before = _worker_pids(proc)
+    failures: list[BaseException] = []
+    answered: set[int] = set()
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                answered.add(int(_get(port).split()[0]))
+            except Exception as exc:
+                failures.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_for("Listening at", count=4)  # two replacements are up
+        proc.wait_for(r"Shutdown complete", count=2)  # and both old workers have stopped
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    after = _worker_pids(proc) - before
+    assert len(after) == 2
+    assert not failures, failures[:3]
+    assert {int(_get(port).split()[0]) for _ in range(20)} <= after
+
+
+def test_max_requests_recycles_workers(app_dir: Path) -> None:
+    port = _free_port()
+    proc = Proc(
+        ["pidapp:app", "--port", str(port), "-w", "1", "--max-requests", "5", "--no-access-log"],
+        app_dir,
+    )
+    try:
+        proc.wait_for("Listening at")
+        first = int(_get(port).split()[0])
+        for _ in range(5):
+            _get(port)
+        proc.wait_for("Maximum request limit of 5 exceeded")
+        proc.wait_for("exited; starting a new one")
+        proc.wait_for("Listening at", count=2)
+        assert int(_get(port).split()[0]) != first
+    finally:
+        assert proc.stop() == 0
+
+
+def test_worker_that_cannot_import_stops_supervisor(tmp_path: Path) -> None:
+    proc = Proc(["nosuchmodule:app", "--port", str(_free_port()), "-w", "2"], tmp_path)
+    try:
+        assert proc.proc.wait(DEADLINE) == 3
+        proc.wait_for("could not import module 'nosuchmodule'")
+        proc.wait_for("failed to boot")
+    finally:
+        assert proc.stop() == 3
+
+
+def test_sigterm_stops_workers_and_exits_zero(workers: tuple[Proc, int]) -> None:
+    proc, _ = workers
+    assert proc.stop() == 0
+    proc.wait_for("Supervisor shutdown complete")
+    for pid in _worker_pids(proc):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace a file in one step, as an editor saving it does (one change event)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _until_version(port: int, version: str) -> None:
+    """Ask the server until it answers with ``version`` (the reload is observed, not timed)."""
+    deadline = time.monotonic() + DEADLINE
+    seen = ""
+    while time.monotonic() < deadline:
+        seen = _get(port).split()[1]
+        if seen == version:
+            return
+    raise AssertionError(f"still {seen!r}, expected {version!r}")
+
+
+def test_reload_restarts_on_change_and_survives_syntax_error(app_dir: Path) -> None:
+    port = _free_port()
+    proc = Proc(
+        ["pidapp:app", "--port", str(port), "--reload", "--reload-dir", str(app_dir)], app_dir
+    )
+    try:
+        proc.wait_for("Listening at")
+        assert _get(port).split()[1] == "v1"
+        _write(app_dir / "pidapp.py", PID_APP.format(version="v2"))
+        proc.wait_for(r"detected changes in 'pidapp.py'\. Reloading")
+        _until_version(port, "v2")
+        # A syntax error: the error is shown, the old worker keeps serving, the reloader lives.
+        _write(app_dir / "pidapp.py", "def app(:\n")
+        proc.wait_for("SyntaxError")
+        proc.wait_for("reload abandoned")
+        assert _get(port).split()[1] == "v2"
+        _write(app_dir / "pidapp.py", PID_APP.format(version="v3"))
+        _until_version(port, "v3")
+        # A file that does not match the include glob changes nothing.
+        reloads = len(proc.wait_for("detected changes in"))
+        (app_dir / "notes.txt").write_text("hello")
+        _write(app_dir / "pidapp.py", PID_APP.format(version="v4"))
+        _until_version(port, "v4")
+        proc.wait_for(r"detected changes in 'pidapp.py'", count=reloads + 1)
+        assert not [line for line in proc.lines if "notes.txt" in line]
+    finally:
+        assert proc.stop() == 0
