@@ -53,6 +53,11 @@ class WorkerPool:
     ``max_threads``; they are daemon threads, so a request stuck in application code past the
     graceful-shutdown timeout cannot keep the process from exiting.
 
+    A thread that finishes a call leaves a token in ``_idle``; :meth:`submit` takes one for each
+    call, or starts a thread when there is none. The submitter takes the token (not the thread
+    when it wakes), so two calls submitted in a row never count on the same idle thread, and a
+    call never waits behind a blocked one while the pool could still start a thread.
+
     Args:
         max_threads: the most threads, and so the most concurrent application calls.
         name: thread name prefix (``asyncwsgi_0``, ``asyncwsgi_1``...).
@@ -65,7 +70,9 @@ class WorkerPool:
         self._max = max_threads
         self._name = name
         self._threads: list[threading.Thread] = []
-        self._idle: list[None] = []  # one entry per thread blocked in get(); list ops are atomic
+        # One token per thread done with its call and not yet matched with a new one. Workers
+        # append, the loop pops: both atomic list operations.
+        self._idle: list[None] = []
 
     def submit(self, fn: Callable[..., object], *args: Any) -> None:
         """Run ``fn(*args)`` in a worker thread. Loop thread only; never blocks.
@@ -73,7 +80,10 @@ class WorkerPool:
         ``fn`` should not raise; if it does, the error is logged and the thread carries on.
         """
         self._queue.put((fn, args))
-        if not self._idle and len(self._threads) < self._max:
+        idle = self._idle
+        if idle:
+            idle.pop()  # an idle thread takes it (only this thread pops: the check holds)
+        elif len(self._threads) < self._max:
             thread = threading.Thread(
                 target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True
             )
@@ -90,13 +100,16 @@ class WorkerPool:
         """Calls waiting for a thread (approximate)."""
         return self._queue.qsize()
 
+    @property
+    def max_threads(self) -> int:
+        """The most threads the pool starts."""
+        return self._max
+
     def _work(self) -> None:
         get = self._queue.get
         idle = self._idle
         while True:
-            idle.append(None)
             item = get()
-            idle.pop()
             if item is None:
                 return
             fn, args = item
@@ -105,6 +118,7 @@ class WorkerPool:
             except Exception:
                 logger.exception("Unhandled error in a worker thread")
             del item, fn, args
+            idle.append(None)
 
     def shutdown(self, timeout: float) -> int:
         """Stop the threads once the queued calls have run; wait up to ``timeout`` seconds.
@@ -167,6 +181,7 @@ class ResponseSink:
         "handed",
         "head_sent",
         "paused",
+        "peer_closed",
     )
 
     def __init__(
@@ -189,6 +204,8 @@ class ResponseSink:
         self.disconnected = False
         self.can_sendfile = can_sendfile
         self.head_sent = False
+        #: Set by the loop when the client half-closed (sent EOF) during the request.
+        self.peer_closed = False
 
     # -- worker thread ------------------------------------------------------------------------
 
@@ -234,6 +251,16 @@ class ResponseSink:
     def abort(self) -> None:
         """Ask the loop to cut the connection: the response cannot be completed. Worker thread."""
         self._call(self._target.on_response_abort, self)
+
+    def client_disconnected(self) -> bool:
+        """Return whether the client has gone: closed, reset, or half-closed its side. Any thread.
+
+        The environ's ``asyncwsgi.client_disconnected``: a long-running application may call it
+        now and then and give up early. It reads two flags the loop sets and never blocks.
+        A client that only half-closed (sent EOF but still reads) is reported gone too: the
+        server cannot tell it from one that closed without writing to it.
+        """
+        return self.disconnected or self.peer_closed
 
     def _wait_writable(self) -> None:
         ready = self._ready
@@ -300,7 +327,8 @@ class RequestBody:
         target: the connection, asked to send 100 Continue and to resume reading.
         high_water: bytes buffered unread above which :meth:`feed` tells the loop to stop reading.
         expect_continue: whether the client waits for ``100 Continue``.
-        timeout: seconds a read waits for more data before raising :class:`ClientDisconnected`.
+        timeout: seconds a read waits for more data before raising :class:`ClientDisconnected`
+            (``Config.timeout_read``).
     """
 
     __slots__ = (

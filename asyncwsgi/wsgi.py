@@ -14,6 +14,7 @@ import contextlib
 import logging
 import re
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from ._types import OptExcInfo, WSGIApplication, WSGIEnvironment
     from .bridge import Head
 
-__all__ = ["run_wsgi", "Sink", "HOP_BY_HOP", "ResponseError"]
+__all__ = ["run_wsgi", "Sink", "HOP_BY_HOP", "ResponseError", "LogThrottle"]
 
 logger = logging.getLogger("asyncwsgi.error")
 
@@ -50,6 +51,40 @@ _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _VALUE_RE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*\Z")
 _NAME_CACHE: dict[str, bytes] = {}
 _SERVER_ERROR_BODY = b"Internal Server Error\n"
+#: Seconds a client told 503 is asked to wait before it tries again (RFC 9110 section 10.2.3).
+RETRY_AFTER = b"1"
+
+
+class LogThrottle:
+    """Let a repeated warning through at most once per ``interval`` seconds. Any thread.
+
+    Overload produces the same event many times a second; one line every few seconds, with the
+    number of events it stands for, says as much without flooding the log. Two threads racing
+    may let one extra line through, which is harmless.
+
+    Args:
+        interval: seconds between two lines.
+    """
+
+    __slots__ = ("_count", "_interval", "_next")
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._count = 0
+
+    def ready(self) -> int:
+        """Count one event; return how many events the line to log now stands for, else 0."""
+        self._count += 1
+        now = time.monotonic()
+        if now < self._next:
+            return 0
+        self._next = now + self._interval
+        count, self._count = self._count, 0
+        return count
+
+
+_queue_throttle = LogThrottle()
 
 
 class Sink(Protocol):
@@ -172,7 +207,13 @@ class _Response:
             self.sink.send(self.take_head(), [data] if data else [], len(data), False)
 
 
-def run_wsgi(app: WSGIApplication, environ: WSGIEnvironment, sink: Sink) -> None:
+def run_wsgi(
+    app: WSGIApplication,
+    environ: WSGIEnvironment,
+    sink: Sink,
+    queued_at: float = 0.0,
+    queue_timeout: float = 0.0,
+) -> None:
     """Run one request through the application and hand its response to ``sink``.
 
     Worker thread only. Never raises (except ``BaseException`` such as ``SystemExit`` after
@@ -180,11 +221,23 @@ def run_wsgi(app: WSGIApplication, environ: WSGIEnvironment, sink: Sink) -> None
     logged traceback; after it, the connection is aborted. ``close()`` of the result runs in a
     ``finally`` (PEP 3333 "Specification Details").
 
+    A client still connected that timed out (``wsgi.input`` got no data for ``timeout_read``
+    seconds, or the response waited ``timeout_write`` seconds for it to read) gets 408 when the
+    head has not gone out, else its connection is cut.
+
     Args:
         app: the WSGI application.
         environ: the request's environ (see :func:`asyncwsgi.environ.build_environ`).
         sink: where the response goes.
+        queued_at: ``time.perf_counter()`` when the request was queued for a thread.
+        queue_timeout: seconds the request may have waited; past them it gets 503 with
+            ``Retry-After`` and the application is not called. 0 disables the check.
     """
+    if queue_timeout:
+        waited = time.perf_counter() - queued_at
+        if waited > queue_timeout:
+            _too_late(environ, sink, waited)
+            return
     response = _Response(sink)
     result: Iterable[bytes] | None = None
     try:
@@ -195,8 +248,8 @@ def run_wsgi(app: WSGIApplication, environ: WSGIEnvironment, sink: Sink) -> None
             result = None  # the loop owns the file now and has it closed in a worker
         else:
             _send_iterable(response, result)
-    except ClientDisconnected:
-        logger.debug("client disconnected during %s", _path(environ))
+    except ClientDisconnected as exc:
+        _client_gone(response, environ, exc)
     except Exception:
         _fail(response, environ, sys.exc_info())
     except BaseException:
@@ -267,12 +320,54 @@ def _fail(response: _Response, environ: WSGIEnvironment, exc_info: OptExcInfo) -
     body = _SERVER_ERROR_BODY
     if environ.get("asyncwsgi.expose_tracebacks"):
         body += "".join(traceback.format_exception(exc_info[1])).encode("utf-8", "replace")
-    head: Head = (
-        500,
-        b"Internal Server Error",
-        [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")],
-    )
     response.head_sent = True
+    _send_error(sink, 500, b"Internal Server Error", body)
+
+
+def _client_gone(response: _Response, environ: WSGIEnvironment, exc: ClientDisconnected) -> None:
+    """The application gave up on the client: nothing to send when it is gone; 408 or a cut
+    connection when it is there but timed out (read or write)."""
+    sink = response.sink
+    if sink.disconnected:
+        logger.debug("client disconnected during %s", _path(environ))
+        return
+    log = logger.isEnabledFor(logging.INFO)
+    if response.head_sent:
+        if log:
+            logger.info("%s: %s; closing the connection", _path(environ), exc)
+        sink.abort()
+        return
+    if log:
+        logger.info("%s: %s; answering 408", _path(environ), exc)
+    response.head_sent = True
+    _send_error(sink, 408, b"Request Timeout", b"Request Timeout\n")
+
+
+def _too_late(environ: WSGIEnvironment, sink: Sink, waited: float) -> None:
+    """Answer 503 to a request that waited too long for a thread; log it, throttled."""
+    count = _queue_throttle.ready()
+    if count:
+        logger.warning(
+            "%s waited %.1f s for a thread (over --timeout-queue): answered 503 "
+            "(%d such request(s) since the last report)",
+            _path(environ),
+            waited,
+            count,
+        )
+    _send_error(
+        sink, 503, b"Service Unavailable", b"Service Unavailable\n", (b"retry-after", RETRY_AFTER)
+    )
+
+
+def _send_error(
+    sink: Sink, status: int, reason: bytes, body: bytes, *extra: tuple[bytes, bytes]
+) -> None:
+    """Hand over a complete plain-text error response that closes the connection."""
+    head: Head = (
+        status,
+        reason,
+        [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close"), *extra],
+    )
     with contextlib.suppress(ClientDisconnected):
         sink.send(head, [body], len(body), True)
 

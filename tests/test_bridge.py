@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from asyncwsgi.bridge import EMPTY_BODY, Head, RequestBody, ResponseSink
+from asyncwsgi.bridge import EMPTY_BODY, Head, RequestBody, ResponseSink, WorkerPool
 from asyncwsgi.errors import ClientDisconnected
 from asyncwsgi.filewrapper import FileWrapper
 
@@ -601,3 +601,43 @@ def test_empty_body() -> None:
     assert EMPTY_BODY.readline(3) == b""
     assert EMPTY_BODY.readlines() == []
     assert list(EMPTY_BODY) == []
+
+
+def test_client_disconnected_reports_disconnect_and_half_close(
+    loop: FakeLoop, target: Target
+) -> None:
+    sink = ResponseSink(loop.call_soon_threadsafe, target, 1024, PATIENCE, False)
+    assert sink.client_disconnected() is False
+    sink.peer_closed = True  # the loop saw EOF
+    assert sink.client_disconnected() is True
+    sink = ResponseSink(loop.call_soon_threadsafe, target, 1024, PATIENCE, False)
+    sink.disconnect()
+    assert sink.client_disconnected() is True
+
+
+def test_pool_starts_a_thread_for_a_call_that_an_idle_thread_cannot_take() -> None:
+    """Two calls submitted back to back after a thread went idle both run at once: the second
+    never waits behind the first while the pool is below max_threads."""
+    pool = WorkerPool(2, name="asyncwsgi_test")
+    try:
+        for _ in range(20):
+            warm = threading.Event()
+            pool.submit(warm.set)
+            assert warm.wait(TIMEOUT)
+            release = threading.Event()
+            entered = threading.Semaphore(0)
+
+            def blocked(
+                entered: threading.Semaphore = entered, release: threading.Event = release
+            ) -> None:
+                entered.release()
+                release.wait(3 * TIMEOUT)  # longer than the test waits for the second
+
+            pool.submit(blocked)
+            pool.submit(blocked)
+            assert entered.acquire(timeout=TIMEOUT)
+            assert entered.acquire(timeout=TIMEOUT), "the second call waited for the first"
+            release.set()
+        assert pool.threads == 2
+    finally:
+        assert pool.shutdown(TIMEOUT) == 0

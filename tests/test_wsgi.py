@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -758,12 +759,14 @@ def test_close_called_once_when_the_sink_disconnects_mid_stream(
     assert not errors()  # a client going away is not an application error
 
 
-def test_close_called_once_when_the_app_raises_client_disconnected(
+def test_client_timeout_before_the_head_is_408_and_close_called_once(
     errors: Callable[[], list[logging.LogRecord]],
 ) -> None:
+    """ClientDisconnected while the client is still there (wsgi.input timed out): 408, close."""
+
     class Reading(Closing):
         def __iter__(self) -> Iterator[bytes]:
-            raise ClientDisconnected("request body never arrived")
+            raise ClientDisconnected("no request body data for 60 s")
             yield b""  # pragma: no cover
 
     result = Reading([])
@@ -775,9 +778,79 @@ def test_close_called_once_when_the_app_raises_client_disconnected(
     sink = FakeSink()
     run(app, sink)
     assert result.closes == 1
-    assert sink.sends == []
     assert sink.aborts == 0
+    (head, chunks, _, end) = sink.sends[0]
+    assert len(sink.sends) == 1 and end
+    assert head is not None and head[0] == 408
+    assert (b"connection", b"close") in head[2]
+    assert b"".join(chunks) == b"Request Timeout\n"
+    assert not errors()  # a client timing out is not an application error
+
+
+def test_client_timeout_after_the_head_aborts_and_close_called_once(
+    errors: Callable[[], list[logging.LogRecord]],
+) -> None:
+    class Stalled(Closing):
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"first"
+            raise ClientDisconnected("client read nothing for 60 s")
+
+    result = Stalled([])
+
+    def app(environ: dict[str, Any], start_response: Any) -> Stalled:
+        start_response("200 OK", [])
+        return result
+
+    sink = FakeSink()
+    run(app, sink)
+    assert result.closes == 1
+    assert sink.body == b"first" and not sink.ended
+    assert sink.aborts == 1  # the head went out: only cutting the connection is left
     assert not errors()
+
+
+def test_client_disconnected_on_a_gone_client_sends_nothing(
+    errors: Callable[[], list[logging.LogRecord]],
+) -> None:
+    result = Closing([])
+
+    def app(environ: dict[str, Any], start_response: Any) -> Closing:
+        sink.disconnected = True  # the loop saw the connection go while the app ran
+        raise ClientDisconnected("client disconnected")
+
+    sink = FakeSink()
+    run(app, sink)
+    assert result.closes == 0  # the app returned nothing to close
+    assert sink.sends == [] and sink.aborts == 0
+    assert not errors()
+
+
+def test_request_that_waited_too_long_for_a_thread_gets_503_without_calling_the_app(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    called: list[bool] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        called.append(True)
+        start_response("200 OK", [])
+        return [b"late"]
+
+    sink = FakeSink()
+    caplog.set_level(logging.WARNING, logger="asyncwsgi.error")
+    queued_at = time.perf_counter() - 5.0
+    run_wsgi(app, make_environ(target=b"/late"), sink, queued_at, 1.0)
+    assert not called
+    (head, chunks, _, end) = sink.sends[0]
+    assert head is not None and head[0] == 503 and end
+    assert (b"retry-after", b"1") in head[2] and (b"connection", b"close") in head[2]
+    assert b"".join(chunks) == b"Service Unavailable\n"
+    assert any("GET /late waited" in r.getMessage() for r in caplog.records)
+    # Within the limit, or with the check off, the app runs.
+    for queue_timeout in (10.0, 0.0):
+        sink = FakeSink()
+        run_wsgi(app, make_environ(), sink, queued_at, queue_timeout)
+        assert sink.body == b"late"
+    assert len(called) == 2
 
 
 def test_close_error_is_logged_and_not_raised(
