@@ -780,8 +780,10 @@ def test_client_timeout_before_the_head_is_408_and_close_called_once(
     assert result.closes == 1
     assert sink.aborts == 0
     (head, chunks, _, end) = sink.sends[0]
-    assert len(sink.sends) == 1 and end
-    assert head is not None and head[0] == 408
+    assert len(sink.sends) == 1
+    assert end
+    assert head is not None
+    assert head[0] == 408
     assert (b"connection", b"close") in head[2]
     assert b"".join(chunks) == b"Request Timeout\n"
     assert not errors()  # a client timing out is not an application error
@@ -804,7 +806,8 @@ def test_client_timeout_after_the_head_aborts_and_close_called_once(
     sink = FakeSink()
     run(app, sink)
     assert result.closes == 1
-    assert sink.body == b"first" and not sink.ended
+    assert sink.body == b"first"
+    assert not sink.ended
     assert sink.aborts == 1  # the head went out: only cutting the connection is left
     assert not errors()
 
@@ -821,7 +824,8 @@ def test_client_disconnected_on_a_gone_client_sends_nothing(
     sink = FakeSink()
     run(app, sink)
     assert result.closes == 0  # the app returned nothing to close
-    assert sink.sends == [] and sink.aborts == 0
+    assert sink.sends == []
+    assert sink.aborts == 0
     assert not errors()
 
 
@@ -841,8 +845,11 @@ def test_request_that_waited_too_long_for_a_thread_gets_503_without_calling_the_
     run_wsgi(app, make_environ(target=b"/late"), sink, queued_at, 1.0)
     assert not called
     (head, chunks, _, end) = sink.sends[0]
-    assert head is not None and head[0] == 503 and end
-    assert (b"retry-after", b"1") in head[2] and (b"connection", b"close") in head[2]
+    assert head is not None
+    assert head[0] == 503
+    assert end
+    assert (b"retry-after", b"1") in head[2]
+    assert (b"connection", b"close") in head[2]
     assert b"".join(chunks) == b"Service Unavailable\n"
     assert any("GET /late waited" in r.getMessage() for r in caplog.records)
     # Within the limit, or with the check off, the app runs.
