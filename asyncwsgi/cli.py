@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, get_args, get_origin
 from . import __version__
 from .config import BindSpec, Config
 from .errors import ConfigError
+from .settings import layered_options
 
 if TYPE_CHECKING:
     from ._types import WSGIApplication
@@ -117,6 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("app", metavar="APP", help="the application, as module:attribute")
     serve.add_argument("--version", action="version", version=f"asyncwsgi {__version__}")
+    serve.add_argument(
+        "-c",
+        "--config",
+        dest="config_file",
+        metavar="FILE",
+        help="Read settings from this TOML file (top-level keys or [tool.asyncwsgi]); flags and "
+        "ASYNCWSGI_* variables override it. Default: [tool.asyncwsgi] of ./pyproject.toml.",
+    )
+    serve.add_argument(
+        "--env-file",
+        metavar="FILE",
+        help="Add the variables of this dotenv file to the environment (for the app too) "
+        "without replacing those set; ASYNCWSGI_<SETTING> variables set settings.",
+    )
     _add_config_flags(serve)
     parser.set_defaults(serve_parser=serve)
     return parser
@@ -136,9 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         serve_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     app_spec = args.pop("app")
+    config_file, env_file = args.pop("config_file", None), args.pop("env_file", None)
     for name in ("bind", "reload_dir", "reload_include", "reload_exclude"):
         if name in args:
             args[name] = tuple(args[name])
+    try:  # flags > ASYNCWSGI_* variables > config file > defaults
+        args = layered_options(args, config_file=config_file, env_file=env_file)
+    except ConfigError as exc:
+        serve_parser.error(str(exc))
     if "workers" not in args and os.environ.get("WEB_CONCURRENCY", "").isdigit():
         args["workers"] = int(os.environ["WEB_CONCURRENCY"])  # gunicorn and uvicorn read it too
     try:
@@ -149,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.reload or config.workers > 1 or config.max_requests:
             return _supervise(app_spec, config)
         app = load_app(app_spec, app_dir=config.app_dir, factory=config.factory)
-    except AppLoadError as exc:
+    except (AppLoadError, ConfigError) as exc:  # ConfigError: --log-config, --access-logfile
         print(f"Error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -172,14 +192,14 @@ def _supervise(app_spec: str, config: Config) -> int:
     """Run ``--workers`` processes or ``--reload``; each worker imports the app after fork."""
     import functools
 
-    from .logs import configure_logging
+    from .logs import setup_logging
     from .supervisor import Supervisor
 
     # Fail fast on a malformed APP; whether it imports is found out in the worker.
     module_name = app_spec.partition(":")[0]
     if not module_name:
         raise AppLoadError(f"APP must be MODULE:ATTRIBUTE, got {app_spec!r}")
-    configure_logging(config.log_level, config.access_log)
+    setup_logging(config)  # before forking: the workers inherit it
     loader = functools.partial(load_app, app_spec, app_dir=config.app_dir, factory=config.factory)
     return Supervisor(loader, config).run()
 
