@@ -199,6 +199,13 @@ def _supervise(app_spec: str, config: Config) -> int:
     module_name = app_spec.partition(":")[0]
     if not module_name:
         raise AppLoadError(f"APP must be MODULE:ATTRIBUTE, got {app_spec!r}")
+    if config.reload:
+        try:
+            import watchfiles  # noqa: F401
+        except ImportError:
+            raise AppLoadError(
+                "--reload needs watchfiles: pip install 'asyncwsgi[reload]'"
+            ) from None
     setup_logging(config)  # before forking: the workers inherit it
     loader = functools.partial(load_app, app_spec, app_dir=config.app_dir, factory=config.factory)
     return Supervisor(loader, config).run()
