@@ -148,8 +148,7 @@ class _Recorded:
 
 
 def status_app(status: str, headers: list[tuple[str, str]], body: list[bytes]) -> Any:
-    """An app that answers with exactly these status, headers and body (no validation).
-    """
+    """An app that answers with exactly these status, headers and body (no validation)."""
 
     def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
         start_response(status, headers)

@@ -1,4 +1,4 @@
-"""Test helpers: a server on 127.0.0.1:0 inside the test's loop, raw-socket clients, h11 decoding."""
+"""Test helpers: a server on 127.0.0.1:0 in the test loop, raw-socket clients, h11 decoding."""
 
 from __future__ import annotations
 
