@@ -14,6 +14,7 @@ import contextlib
 import threading
 import time
 import types
+import typing
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,11 @@ async def read_to_end(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
     except ConnectionResetError:
         return data, True
     return data, False
+
+
+def transport(writer: asyncio.StreamWriter) -> asyncio.Transport:
+    """The writer's transport, as the read-write transport it is."""
+    return typing.cast(asyncio.Transport, writer.transport)
 
 
 async def wait_thread(event: threading.Event) -> None:
@@ -196,17 +202,17 @@ async def test_write_timeout_stops_iteration_calls_close_and_frees_the_thread() 
 
     def router(environ: Environ, start_response: Any) -> Iterable[bytes]:
         if environ["PATH_INFO"] == "/hello":
-            return apps.hello(environ, start_response)  # type: ignore[no-any-return]
+            return apps.hello(environ, start_response)
         return app(environ, start_response)
 
     async with running(router, threads=1, timeout_write=0.3, write_high_water=16 * 1024) as srv:
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-        writer.transport.pause_reading()  # a client that reads nothing
+        transport(writer).pause_reading()  # a client that reads nothing
         writer.write(GET)
         await wait_thread(app.closed)
         assert app.closes == 1
         assert app.produced < 1_000_000 * 16 * 1024  # the iteration was stopped
-        writer.transport.resume_reading()
+        transport(writer).resume_reading()
         data, _ = await read_to_end(reader)  # the server cut the connection
         assert data.startswith(b"HTTP/1.1 200 ")
         await hello_served(srv.port)  # the only thread is back in the pool
@@ -245,10 +251,10 @@ async def test_write_timeout_cuts_a_stalled_sendfile_and_closes_the_file(tmp_pat
 
     async with running(app, timeout_write=0.3) as srv:
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-        writer.transport.pause_reading()
+        transport(writer).pause_reading()
         writer.write(GET)
         await wait_thread(closed)
-        writer.transport.resume_reading()
+        transport(writer).resume_reading()
         data, _ = await read_to_end(reader)
         assert data.startswith(b"HTTP/1.1 200 ")
         assert len(data) < 16 * 1024 * 1024  # cut, not completed
@@ -522,7 +528,7 @@ async def test_disconnect_during_write_callable_raises_in_the_app_and_frees_the_
 
     def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
         if environ["PATH_INFO"] == "/hello":
-            return apps.hello(environ, start_response)  # type: ignore[no-any-return]
+            return apps.hello(environ, start_response)
         write = start_response("200 OK", [("Content-Type", "application/octet-stream")])
         try:
             for _ in range(1_000_000):
