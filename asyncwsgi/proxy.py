@@ -517,6 +517,8 @@ class ProxySupport:
         Returns:
             ``(headers, reader)``: each None when it is off or the peer is not trusted.
         """
+        if self.headers is None and not self.protocol:
+            return None, None  # both off: no address to look at
         if host is not None and host not in self.trusted:
             return None, None
         return self.headers, (ProxyProtocolReader() if self.protocol else None)

@@ -478,6 +478,9 @@ def test_support_gives_readers_to_trusted_peers_only() -> None:
     assert support.for_peer(None)[1] is not None  # UNIX socket
     off = ProxySupport(Config(forwarded_allow_ips="10.0.0.0/8"))
     assert off.for_peer("10.1.1.1")[1] is None
+    both_off = ProxySupport(Config(proxy_headers=False))
+    assert both_off.for_peer("127.0.0.1") == (None, None)
+    assert both_off.for_peer(None) == (None, None)
 
 
 # -- PROXY protocol over sockets -------------------------------------------------------------------
