@@ -213,10 +213,12 @@ class Server:
         try:
             for sock in self._listeners:
                 servers.append(await listen(sock))
-        except Exception:
-            error_logger.exception("Could not accept connections again")
+        except BaseException as exc:
             for server in servers:
                 server.close()
+            if not isinstance(exc, Exception):
+                raise  # cancelled by shutdown
+            error_logger.exception("Could not accept connections again")
             return
         finally:
             self._resuming = None
