@@ -223,6 +223,8 @@ def cmd_granian(ctx: LaunchContext) -> list[str]:
     cmd += ["--no-access-log"]
     if not ctx.defaults:
         cmd += ["--blocking-threads", str(ctx.threads), "--backlog", str(TUNED_BACKLOG)]
+        # granian stops accepting past --backpressure connections (default backlog/workers).
+        cmd += ["--backpressure", str(TUNED_CONNECTION_LIMIT)]
     return [*cmd, app_spec(ctx)]
 
 
