@@ -159,8 +159,15 @@ def _request_line(entry: AccessEntry) -> str:
     return f"{entry.method.decode('latin-1')} {entry.target.decode('latin-1')} {_protocol(entry)}"
 
 
+_clf_cache: list[Any] = [-1, ""]  # [second, text]: formatting once a second is enough
+
+
 def _clf_time() -> str:
-    return time.strftime("[%d/%b/%Y:%H:%M:%S %z]")
+    now = int(time.time())
+    if _clf_cache[0] != now:
+        _clf_cache[1] = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(now))
+        _clf_cache[0] = now
+    return str(_clf_cache[1])
 
 
 # Each atom: (JSON key, text value, JSON value).

@@ -46,12 +46,18 @@ __all__ = [
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+_CACHE_SIZE: Final = 4096  # addresses whose trust is remembered (one bool each)
+_MAX_ADDRESS: Final = 64  # longer text is no IP address (IPv6 with a zone id is under 64)
+
 
 # -- trust ------------------------------------------------------------------------------------
 
 
 class TrustedPeers:
-    """The peers trusted with forwarded information (``--forwarded-allow-ips``). Immutable.
+    """The peers trusted with forwarded information (``--forwarded-allow-ips``).
+
+    The settings are immutable; answers are cached (loop thread; a race between threads could
+    only compute an answer twice).
 
     Args:
         spec: comma-separated IP addresses (``127.0.0.1``, ``::1``) and CIDR networks
@@ -61,7 +67,7 @@ class TrustedPeers:
         ConfigError: an entry is neither an IP address nor a network.
     """
 
-    __slots__ = ("always", "hosts", "networks")
+    __slots__ = ("_cache", "always", "hosts", "networks")
 
     def __init__(self, spec: str) -> None:
         entries = [entry.strip() for entry in spec.split(",") if entry.strip()]
@@ -84,20 +90,30 @@ class TrustedPeers:
                 ) from None
         self.hosts = frozenset(hosts)
         self.networks = tuple(networks)
+        # Parsing an address costs microseconds; the same proxies and clients come back.
+        self._cache: dict[str, bool] = {}
 
     def __contains__(self, host: object) -> bool:
         """Whether ``host`` (an IP address as text) is trusted; text that is no IP is not."""
         if self.always:
             return True
-        if not isinstance(host, str) or not host:
+        if not isinstance(host, str) or not host or len(host) > _MAX_ADDRESS:
             return False
+        known = self._cache.get(host)
+        if known is not None:
+            return known
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped  # ::ffff:127.0.0.1 from a dual-stack socket
-        return address in self.hosts or any(address in network for network in self.networks)
+            trusted = False
+        else:
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped  # ::ffff:127.0.0.1 from a dual-stack socket
+            trusted = address in self.hosts or any(address in net for net in self.networks)
+        if len(self._cache) >= _CACHE_SIZE:
+            self._cache.clear()
+        self._cache[host] = trusted
+        return trusted
 
     def client_of(self, hops: list[str]) -> str:
         """Return the client among the ``X-Forwarded-For`` hops, left (client) to right.

@@ -52,6 +52,16 @@ def test_trusted_peers_addresses_networks_and_star() -> None:
     assert "anything" in star
 
 
+def test_trusted_peers_answers_stay_right_past_the_cache_size() -> None:
+    peers = TrustedPeers("10.0.0.0/16")
+    for i in range(10_000):  # more than the cache holds: it is cleared and refilled
+        address = f"10.{i % 2}.{i // 256 % 256}.{i % 256}"
+        assert (address in peers) is (i % 2 == 0), address
+    assert "10.0.0.1" in peers
+    assert "10.1.0.1" not in peers
+    assert "10.0.0.1" + " " * 100 not in peers  # far too long for an address: not parsed
+
+
 @pytest.mark.parametrize("spec", ["localhost", "10.0.0.0/33", "1.2.3.4.5", "127.0.0.1,nope"])
 def test_trusted_peers_refuse_what_is_no_address(spec: str) -> None:
     with pytest.raises(ConfigError, match="forwarded_allow_ips"):
