@@ -1,0 +1,1 @@
+"""Integrations with web frameworks, each importable only where that framework is installed."""

@@ -1,0 +1,1 @@
+"""``runserver``, served by asyncwsgi."""
