@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -171,7 +172,9 @@ class ResponseSink:
     __slots__ = (
         "_call",
         "_high_water",
+        "_pending",
         "_ready",
+        "_scheduled",
         "_target",
         "_timeout",
         "_waiting",
@@ -198,6 +201,8 @@ class ResponseSink:
         self._timeout = timeout
         self._ready: threading.Event | None = None  # made when a worker first has to wait
         self._waiting = False
+        self._pending: deque[tuple[Head | None, list[bytes], bool]] = deque()
+        self._scheduled = False
         self.handed = 0
         self.done = 0
         self.paused = False
@@ -230,9 +235,43 @@ class ResponseSink:
         if head is not None:
             self.head_sent = True
         self.handed += nbytes
-        self._call(self._target.on_response_data, self, head, chunks, end)
+        # Hand the block over now (PEP 3333: never hold a block back), but wake the loop only
+        # if it has not been woken for an earlier one yet: it takes all of them in one go.
+        self._pending.append((head, chunks, end))
+        if not self._scheduled:
+            self._scheduled = True
+            self._call(self._deliver)
         if not end and (self.paused or self.handed - self.done > self._high_water):
             self._wait_writable()
+
+    def _deliver(self) -> None:
+        """Pass everything handed over since the last delivery to the target. Loop thread only.
+
+        The flag is cleared before the queue is drained, so a block appended after the drain
+        always schedules another delivery (deque appends and pops are atomic).
+        """
+        self._scheduled = False
+        pending = self._pending
+        if not pending:
+            return
+        head, chunks, end = pending.popleft()
+        if not pending:
+            self._target.on_response_data(self, head, chunks, end)
+            return
+        chunks = list(chunks)
+        while pending:
+            more_head, more, more_end = pending.popleft()
+            if more_head is not None:
+                head = more_head
+            chunks.extend(more)
+            end = end or more_end
+        if head is not None and end:
+            # Several hand-offs: the app streamed, so keep its framing (chunked, or its own
+            # Content-Length); a computed length is only for a body handed over whole.
+            self._target.on_response_data(self, head, chunks, False)
+            self._target.on_response_data(self, None, [], True)
+        else:
+            self._target.on_response_data(self, head, chunks, end)
 
     def send_file(self, head: Head, wrapper: FileWrapper, offset: int, count: int) -> None:
         """Hand a file body to the loop, which sends ``count`` bytes from ``offset`` by sendfile.

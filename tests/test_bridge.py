@@ -219,11 +219,29 @@ def test_send_below_high_water_does_not_wait(loop: FakeLoop, target: Target) -> 
     sink.send(None, [b"y" * 40], 40, False)  # exactly at the mark: still no wait
     assert spy.waits == 0
     assert sink.handed == 100
-    assert loop.run_pending() == 2
+    # One wake-up of the loop carries both blocks, in order.
+    assert loop.run_pending() == 1
     assert [(s, head, chunks, end) for s, head, chunks, end in target.data] == [
-        (sink, HEAD, [b"x" * 60], False),
-        (sink, None, [b"y" * 40], False),
+        (sink, HEAD, [b"x" * 60, b"y" * 40], False),
     ]
+
+
+def test_streamed_blocks_keep_streamed_framing(loop: FakeLoop, target: Target) -> None:
+    """Blocks merged into one delivery still end separately: no computed Content-Length."""
+    sink, _ = make_sink(loop, target, high_water=100)
+    sink.send(HEAD, [b"a"], 1, False)
+    sink.send(None, [b"b"], 1, True)
+    assert loop.run_pending() == 1
+    assert target.data == [(sink, HEAD, [b"a", b"b"], False), (sink, None, [], True)]
+
+
+def test_block_after_a_delivery_schedules_another(loop: FakeLoop, target: Target) -> None:
+    sink, _ = make_sink(loop, target, high_water=100)
+    sink.send(HEAD, [b"a"], 1, False)
+    assert loop.run_pending() == 1
+    sink.send(None, [b"b"], 1, True)
+    assert loop.run_pending() == 1
+    assert target.data == [(sink, HEAD, [b"a"], False), (sink, None, [b"b"], True)]
 
 
 def test_callbacks_run_on_the_loop_thread(loop: FakeLoop, target: Target) -> None:
