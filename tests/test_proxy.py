@@ -553,6 +553,19 @@ async def test_proxy_protocol_malformed_gets_400_and_close() -> None:
     assert seen == []
 
 
+async def test_proxy_protocol_header_that_never_completes_times_out() -> None:
+    """A peer stuck inside its PROXY header is under --timeout-request-header like a head."""
+    async with running(
+        apps.environ_app, proxy_protocol=True, timeout_request_header=0.2, timeout_linger=0.2
+    ) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(b"PROXY TCP4 198.51.100.7 ")  # and nothing more
+        raw = await asyncio.wait_for(reader.read(-1), TIMEOUT)
+        writer.close()
+    (reply,) = decode_replies(raw)
+    assert reply.status == 408
+
+
 async def test_proxy_protocol_from_untrusted_peer_is_not_parsed() -> None:
     """An untrusted client cannot set its address: its PROXY line is a bad request line."""
     async with running(apps.environ_app, proxy_protocol=True, **UNTRUSTED) as srv:
