@@ -321,12 +321,15 @@ class Config:
         return self.limit_request_field_size or 64 * KiB
 
     def listen_specs(self) -> list[BindSpec]:
-        """Return where to listen: ``bind``, ``uds`` and ``fd`` together, else ``host:port``."""
+        """Return where to listen: ``bind``, ``uds`` and ``fd`` together; else the sockets
+        systemd passed (socket activation); else ``host:port``."""
         specs = [parse_bind(spec) for spec in self.bind]
         if self.uds:
             specs.append(BindSpec(kind="unix", path=self.uds))
         if self.fd is not None:
             specs.append(BindSpec(kind="fd", fd=self.fd))
+        if not specs:
+            specs = [BindSpec(kind="fd", fd=fd) for fd in systemd_listen_fds()]
         if not specs:
             specs.append(BindSpec(kind="tcp", host=self.host, port=self.port))
         return specs
@@ -346,6 +349,22 @@ class BindSpec:
     port: int = 0
     path: str = ""
     fd: int = -1
+
+
+def systemd_listen_fds() -> list[int]:
+    """Return the listening sockets systemd passed to this process, as sd_listen_fds(3) does.
+
+    systemd socket activation sets ``LISTEN_PID`` to the started process's pid and
+    ``LISTEN_FDS`` to how many sockets it passed, as file descriptors 3, 4, ... The sockets are
+    used only when ``LISTEN_PID`` is this process, so a child that inherits the variables does
+    not take them for its own.
+    """
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = os.environ.get("LISTEN_FDS", "")
+    if not count.isdigit():
+        return []
+    return list(range(3, 3 + int(count)))
 
 
 def parse_bind(spec: str) -> BindSpec:
