@@ -500,7 +500,10 @@ class HTTPChannel(asyncio.Protocol):
             return
         cycle.file_sender = None
         if error is not None:
-            error_logger.error("sendfile failed for %s: %s", self._request_line(cycle), error)
+            if isinstance(error, ConnectionError):  # the client went away: not a server error
+                error_logger.debug("client disconnected during %s", self._request_line(cycle))
+            else:
+                error_logger.error("sendfile failed for %s: %s", self._request_line(cycle), error)
             self.abort()
             return
         self._end_file_response(cycle)

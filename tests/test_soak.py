@@ -8,7 +8,8 @@ stream generator bodies, use ``write()``, echo uploads and send files with ``sen
 body they produce is a pure function of the request, so the client checks each complete
 response byte for byte (decoded with h11, which checks the framing too).
 
-Afterwards, once every connection has closed and every worker call has returned: each result
+Afterwards, once every connection has closed and every worker call has returned: nothing was
+logged as an error (a client going away is not one), each result
 the applications returned has been closed exactly once, no request is counted in progress, the
 process has the file descriptors it had before the clients, and, once the server has stopped,
 the threads it had before it started.
@@ -30,6 +31,7 @@ from urllib.parse import parse_qs
 import h11
 
 from .helpers import TIMEOUT, running
+from .logwatch import watch_errors
 
 CLIENTS = 300
 SEED = 20261123
@@ -312,22 +314,25 @@ async def test_soak(tmp_path: Path) -> None:
     file_path.write_bytes(file_bytes)
     apps = Apps(file_path)
     threads_before = set(threading.enumerate())
-    async with running(
-        apps, threads=THREADS, write_high_water=64 * 1024, access_log=False, timeout_write=10.0
-    ) as srv:
-        state = srv.server.state
-        soak = Soak(srv.port, file_bytes)
-        await soak.keep_alive(random.Random(SEED))  # warm up the loop and the pool
-        await quiesce(state, THREADS)
-        fds_before = open_fds()
-        await asyncio.wait_for(
-            asyncio.gather(*(soak.run_client(i) for i in range(CLIENTS))), SOAK_LIMIT
-        )
-        await quiesce(state, THREADS)
-        assert state.requests_active == 0
-        assert open_fds() == fds_before
-        with apps.lock:
-            assert apps.made == apps.closed, (apps.made, apps.closed)
+    with watch_errors() as log:
+        async with running(
+            apps, threads=THREADS, write_high_water=64 * 1024, access_log=False, timeout_write=10.0
+        ) as srv:
+            state = srv.server.state
+            soak = Soak(srv.port, file_bytes)
+            await soak.keep_alive(random.Random(SEED))  # warm up the loop and the pool
+            await quiesce(state, THREADS)
+            fds_before = open_fds()
+            await asyncio.wait_for(
+                asyncio.gather(*(soak.run_client(i) for i in range(CLIENTS))), SOAK_LIMIT
+            )
+            await quiesce(state, THREADS)
+            assert state.requests_active == 0
+            assert open_fds() == fds_before
+            with apps.lock:
+                assert apps.made == apps.closed, (apps.made, apps.closed)
+    # Clients going away are not errors: nothing at ERROR level.
+    assert not log.errors(), [r.getMessage() for r in log.errors()]
     assert soak.completed > CLIENTS  # most clients completed responses
     assert soak.aborted > CLIENTS // 10
     leftover = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
