@@ -80,6 +80,8 @@ class ServerState:
         )
         self.shutting_down = False
         self.multiprocess = multiprocess
+        #: The environ keys shared by every connection of a listener, by (address, scheme).
+        self.base_environs: dict[tuple[tuple[str, int], str], dict[str, Any]] = {}
         self.requests_active = 0
         self.on_connections_full: Callable[[], None] | None = None
         self.on_connections_room: Callable[[], None] | None = None
@@ -144,6 +146,32 @@ class HTTPChannel(asyncio.Protocol):
         url_scheme: ``http`` or ``https`` for this listener.
     """
 
+    # No per-connection __dict__: an idle keep-alive connection should cost a few KiB at most.
+    __slots__ = (
+        "_head_since",
+        "_linger_since",
+        "_paused",
+        "_peer_eof",
+        "_proxy_reader",
+        "_stall_since",
+        "_stall_size",
+        "base_environ",
+        "can_sendfile",
+        "client",
+        "closing",
+        "config",
+        "conn",
+        "cycle",
+        "idle_since",
+        "lingering",
+        "loop",
+        "proxy_headers",
+        "remote",
+        "state",
+        "transport",
+        "url_scheme",
+    )
+
     def __init__(self, state: ServerState, url_scheme: str = "http") -> None:
         self.state = state
         self.config = state.config
@@ -154,6 +182,7 @@ class HTTPChannel(asyncio.Protocol):
         self.cycle: _Cycle | None = None
         self.client = "-"
         self.base_environ: dict[str, Any] = {}
+        self.remote: tuple[str, str] | None = None  # (REMOTE_ADDR, REMOTE_PORT)
         self.can_sendfile = False
         self.proxy_headers: ProxyHeaders | None = None
         self._proxy_reader: ProxyProtocolReader | None = None
@@ -192,15 +221,24 @@ class HTTPChannel(asyncio.Protocol):
             if isinstance(sockname, tuple)
             else (str(sockname or ""), 0)
         )
-        self.base_environ = connection_environ(
-            server=server,
-            peer=peer_pair,
-            url_scheme=self.url_scheme,
-            root_path=config.root_path,
-            multiprocess=self.state.multiprocess,
-        )
-        if config.expose_tracebacks:
-            self.base_environ["asyncwsgi.expose_tracebacks"] = True
+        # The keys every connection of this listener shares live in one dict; the client's
+        # address is added per request (``remote``), which saves a dict per idle connection.
+        key = (server, self.url_scheme)
+        base = self.state.base_environs.get(key)
+        if base is None:
+            base = connection_environ(
+                server=server,
+                peer=None,
+                url_scheme=self.url_scheme,
+                root_path=config.root_path,
+                multiprocess=self.state.multiprocess,
+            )
+            if config.expose_tracebacks:
+                base["asyncwsgi.expose_tracebacks"] = True
+            self.state.base_environs[key] = base
+        self.base_environ = base
+        if peer_pair is not None:
+            self.remote = (peer_pair[0], str(peer_pair[1]))
         self.proxy_headers, self._proxy_reader = self.state.proxy.for_peer(
             peer_pair[0] if peer_pair is not None else None
         )
@@ -252,8 +290,7 @@ class HTTPChannel(asyncio.Protocol):
         self._proxy_reader = None
         source = reader.info.source if reader.info is not None else None
         if source is not None:
-            self.base_environ["REMOTE_ADDR"] = source[0]
-            self.base_environ["REMOTE_PORT"] = str(source[1])
+            self.remote = (source[0], str(source[1]))
             self.client = f"{source[0]}:{source[1]}"
             # The HTTP sender is now the client, trusted with headers only if listed itself.
             self.proxy_headers = self.state.proxy.headers_for(source[0])
@@ -385,6 +422,9 @@ class HTTPChannel(asyncio.Protocol):
                     self._pause_reading(_PAUSE_BODY)
         cycle.chunks = []
         environ = cycle.environ = build_environ(self.base_environ, cycle.request, body)
+        remote = self.remote
+        if remote is not None:
+            environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = remote
         if self.proxy_headers is not None:
             self.proxy_headers.apply(environ)
         sink = cycle.sink = ResponseSink(
@@ -802,8 +842,10 @@ class HTTPChannel(asyncio.Protocol):
                 if idle < config.timeout_keep_alive and (
                     not header_timeout or idle < header_timeout
                 ):
+                    if idle >= 1.0:  # idle a while: likely to stay so; free its h11 state
+                        self.conn.release_if_idle()
                     return
-                if header_timeout and self.conn.h11_connection.trailing_data[0]:
+                if header_timeout and self.conn.has_unparsed_data:
                     # Pipelined bytes of a next head wait: its clock started when the previous
                     # response ended.
                     self.idle_since = None

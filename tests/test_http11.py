@@ -654,3 +654,32 @@ def h11_headers(head: bytes) -> list[tuple[bytes, bytes]]:
         name, _, value = line.partition(b":")
         pairs.append((name, value.strip()))
     return pairs
+
+
+def test_idle_connection_releases_its_h11_state_and_revives() -> None:
+    """An idle keep-alive connection frees its h11 objects and parses the next request."""
+    conn = server()
+    (request, _end) = conn.receive_data(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert isinstance(request, h11.Request)
+    assert not conn.release_if_idle()  # a request is in flight
+    conn.send_response(200, b"OK", [(b"Content-Length", b"1")], None)
+    conn.send_data(b"x")
+    assert conn.send_end() == b""
+    conn.start_next_cycle()
+    before = conn.h11_connection
+    assert conn.release_if_idle()
+    assert not conn.has_unparsed_data
+    events = conn.receive_data(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert isinstance(events[0], h11.Request)
+    assert events[0].target == b"/b"
+    assert conn.h11_connection is not before
+
+
+def test_connection_with_pipelined_bytes_is_not_released() -> None:
+    conn = server()
+    conn.receive_data(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\n")
+    conn.send_response(200, b"OK", [(b"Content-Length", b"0")], None)
+    conn.send_end()
+    conn.start_next_cycle()
+    assert conn.has_unparsed_data
+    assert not conn.release_if_idle()
