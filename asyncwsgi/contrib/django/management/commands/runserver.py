@@ -1,10 +1,10 @@
 """``python manage.py runserver``, served by asyncwsgi instead of ``wsgiref``.
 
 The command is Django's own (``django.contrib.staticfiles``'s when that app is installed, so
-static files are still served in DEBUG), with one change: the ``server_cls`` that Django's
+static files are still served in DEBUG), with two changes: the ``server_cls`` that Django's
 ``django.core.servers.basehttp.run()`` instantiates is :class:`RunserverServer`, which has the
 shape ``run()`` expects (``server_port``, ``set_app()``, ``serve_forever()``) and serves with
-asyncwsgi. Everything else is Django's: the address parsing, ``--ipv6``, ``--noreload`` and the
+asyncwsgi, and the banner names asyncwsgi. Everything else is Django's: the address parsing, ``--ipv6``, ``--noreload`` and the
 autoreloader (which restarts the process when a file changes), the system checks, the
 migrations warning, the error messages for a port in use, and Ctrl-C.
 
@@ -115,8 +115,9 @@ class Command(RunserverCommand):  # type: ignore[misc]
     def on_bind(self, server_port: int) -> None:
         """Print Django's banner, naming asyncwsgi, once the socket is bound.
 
-        Django calls this from ``run()`` (Django 5.1 and later; earlier versions print their
-        own banner before binding).
+        Django's ``run()`` calls it with the bound port (so ``runserver 127.0.0.1:0`` shows the
+        port chosen); Django versions older than that hook print their own banner, naming the
+        port as given, before binding.
         """
         if self._raw_ipv6:
             addr = f"[{self.addr}]"
