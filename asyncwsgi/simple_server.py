@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import threading  # noqa: TID251 - shutdown() comes from another thread, as in socketserver
 from collections.abc import Callable, Iterable, Iterator
@@ -145,6 +146,20 @@ class WSGIServer:
 
         self._is_shut_down.clear()
         self._stopper = stopper
+        sigint = False
+
+        def on_sigint() -> None:
+            # Ctrl-C as a loop signal handler: a KeyboardInterrupt raised inside a transport
+            # callback would be swallowed by uvloop ("Fatal error on transport").
+            nonlocal sigint
+            sigint = self._interrupted = True
+            stop.set()
+
+        try:
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
+            handles_sigint = True
+        except (RuntimeError, ValueError):  # not the main thread: SIGINT is not ours to take
+            handles_sigint = False
         try:
             if one_request is not None:
                 app = _OneRequest(app, stopper)
@@ -158,9 +173,13 @@ class WSGIServer:
                     loop.run_until_complete(main)
                 raise
             finally:
+                if handles_sigint:
+                    loop.remove_signal_handler(signal.SIGINT)
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.run_until_complete(loop.shutdown_default_executor())
                 loop.close()
+            if sigint:
+                raise KeyboardInterrupt
         finally:
             self._stopper = None
             self._shutdown_request = False

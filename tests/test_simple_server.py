@@ -274,3 +274,65 @@ def test_ctrl_c_stops_serve_forever_with_keyboard_interrupt() -> None:
     assert proc.returncode == 0, err
     assert out == "interrupted\n"
     assert "Traceback" not in err
+
+
+_SIGINT_SCRIPT = """
+import sys
+from asyncwsgi import make_server
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Length", "2")])
+    return [b"ok"]
+
+server = make_server("127.0.0.1", 0, app, loop=sys.argv[1])
+print(server.server_port, flush=True)
+try:
+    server.serve_forever()
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+def test_ctrl_c_stops_serve_forever_under_load(loop_name: str) -> None:
+    """SIGINT while requests are in flight ends serve_forever() with KeyboardInterrupt."""
+    import http.client
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SIGINT_SCRIPT, loop_name], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    answered = threading.Event()
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/")
+                if conn.getresponse().read() == b"ok":
+                    answered.set()
+                conn.close()
+            except OSError:
+                return
+
+    client = threading.Thread(target=load)
+    client.start()
+    try:
+        assert answered.wait(10)
+        proc.send_signal(signal.SIGINT)
+        assert proc.stdout.readline().strip() == "interrupted"
+        assert proc.wait(10) == 0
+    finally:
+        stop.set()
+        client.join()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
