@@ -488,14 +488,7 @@ class HTTPChannel(asyncio.Protocol):
             transport.writelines(out)
         sink.written(nbytes)
         if end:
-            if tail is None:
-                error_logger.error(
-                    "Response to %s is shorter than its Content-Length; closing the connection",
-                    self._request_line(cycle),
-                )
-                self._finish_cycle(cycle, keep_alive=False)
-                return
-            self._finish_cycle(cycle, keep_alive=True)
+            self._end_response(cycle, tail)
 
     def on_response_file(
         self, sink: ResponseSink, head: Head, wrapper: FileWrapper, offset: int, count: int
@@ -550,17 +543,21 @@ class HTTPChannel(asyncio.Protocol):
 
     def _end_file_response(self, cycle: _Cycle) -> None:
         tail = self.conn.send_end()
-        if tail is None:
-            error_logger.error(
-                "File response to %s is shorter than its Content-Length; closing the connection",
-                self._request_line(cycle),
-            )
-            self._finish_cycle(cycle, keep_alive=False)
-            return
         if tail:
             assert self.transport is not None
             self.transport.write(tail)
-        self._finish_cycle(cycle, keep_alive=True)
+        self._end_response(cycle, tail)
+
+    def _end_response(self, cycle: _Cycle, tail: bytes | None) -> None:
+        """Finish the cycle; ``tail`` None means the body fell short of its Content-Length."""
+        if tail is None:
+            error_logger.error(
+                "Response to %s is shorter than its Content-Length; closing the connection",
+                self._request_line(cycle),
+            )
+            self._finish_cycle(cycle, keep_alive=False)
+        else:
+            self._finish_cycle(cycle, keep_alive=True)
 
     def on_response_abort(self, sink: ResponseSink) -> None:
         """The app failed after its head went out: cut the connection (RFC 9112 section 9.6)."""

@@ -316,28 +316,29 @@ def bind_socket(spec: BindSpec, config: Config) -> socket.socket:
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.stat(spec.path).st_mode):
                 os.unlink(spec.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(spec.path)
-            sock.listen(config.backlog)
-        except BaseException:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        return sock
+        return _bind_listen(socket.AF_UNIX, spec.path, config.backlog, [])
     infos = socket.getaddrinfo(
         spec.host or None, spec.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
     family, _, _, _, address = infos[0]
+    options = [(socket.SOL_SOCKET, socket.SO_REUSEADDR)]
+    if config.reuse_port and hasattr(socket, "SO_REUSEPORT"):
+        options.append((socket.SOL_SOCKET, socket.SO_REUSEPORT))
+    if family == socket.AF_INET6:
+        options.append((socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+    return _bind_listen(family, address, config.backlog, options)
+
+
+def _bind_listen(
+    family: int, address: Any, backlog: int, options: list[tuple[int, int]]
+) -> socket.socket:
+    """Create a non-blocking listening socket; set each (level, option) to 1 before binding."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if config.reuse_port and hasattr(socket, "SO_REUSEPORT"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        for level, option in options:
+            sock.setsockopt(level, option, 1)
         sock.bind(address)
-        sock.listen(config.backlog)
+        sock.listen(backlog)
     except BaseException:
         sock.close()
         raise

@@ -4,9 +4,10 @@ The command is Django's own (``django.contrib.staticfiles``'s when that app is i
 static files are still served in DEBUG), with two changes: the ``server_cls`` that Django's
 ``django.core.servers.basehttp.run()`` instantiates is :class:`RunserverServer`, which has the
 shape ``run()`` expects (``server_port``, ``set_app()``, ``serve_forever()``) and serves with
-asyncwsgi, and the banner names asyncwsgi. Everything else is Django's: the address parsing, ``--ipv6``, ``--noreload`` and the
-autoreloader (which restarts the process when a file changes), the system checks, the
-migrations warning, the error messages for a port in use, and Ctrl-C.
+asyncwsgi, and the banner names asyncwsgi. Everything else is Django's: the address parsing,
+``--ipv6``, ``--noreload`` and the autoreloader (which restarts the process when a file
+changes), the system checks, the migrations warning, the error messages for a port in use, and
+Ctrl-C.
 
 ``--nothreading`` gives the server a single worker thread, so requests run one at a time as
 with Django's non-threading server (handy under a debugger); otherwise the application runs in
