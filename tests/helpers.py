@@ -96,7 +96,7 @@ def decode_replies(data: bytes, method: bytes = b"GET", count: int = 64) -> list
                 break
             elif event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
                 return replies
-        if client.their_state is h11.MUST_CLOSE or client.our_state is h11.MUST_CLOSE:
+        if h11.MUST_CLOSE in (client.their_state, client.our_state):
             break
         try:
             client.start_next_cycle()
