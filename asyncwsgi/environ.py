@@ -9,7 +9,8 @@ over the header fields.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote_to_bytes
 
 import h11
@@ -125,7 +126,7 @@ def build_environ(base: dict[str, Any], request: h11.Request, body: object) -> W
     environ["SERVER_PROTOCOL"] = "HTTP/1.1" if request.http_version == b"1.1" else "HTTP/1.0"
     environ["wsgi.input"] = body
     get_key = _KEY_CACHE.get
-    for name, value in request.headers:
+    for name, value in _header_pairs(request.headers):
         key = get_key(name, "")
         if key == "":
             key = environ_key(name)
@@ -136,3 +137,22 @@ def build_environ(base: dict[str, Any], request: h11.Request, body: object) -> W
             text = environ[key] + ("; " if key == "HTTP_COOKIE" else ",") + text
         environ[key] = text
     return environ
+
+
+def _header_pairs(headers: Sequence[tuple[bytes, bytes]]) -> Iterable[tuple[bytes, bytes]]:
+    """(lower-case name, value) pairs, without h11's per-item ``Sequence.__getitem__``."""
+    if _FULL_ITEMS:
+        items: list[tuple[bytes, bytes, bytes]] = headers._full_items  # type: ignore[attr-defined]
+        return [(name, value) for _, name, value in items]
+    return headers
+
+
+# h11 0.16 keeps (raw name, lower-case name, value) triples in ``Headers._full_items``; its
+# public iteration goes through ``Sequence.__iter__`` and ``__getitem__`` per field. Use the
+# list when this h11 has it (checked once), the public way otherwise.
+_FULL_ITEMS: Final = isinstance(
+    getattr(
+        h11.Request(method="GET", target="/", headers=[("Host", "x")]).headers, "_full_items", None
+    ),
+    list,
+)
