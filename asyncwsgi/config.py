@@ -52,6 +52,11 @@ class Config:
         repeat=True,
     )
     uds: str | None = _opt(None, "Bind to this UNIX domain socket path.")
+    uds_perms: str | None = _opt(
+        None,
+        "Octal file mode for UNIX sockets (--uds, unix:PATH), e.g. 660 so that only the owner "
+        "and group (nginx's) can connect; default: as the umask leaves it.",
+    )
     fd: int | None = _opt(None, "Serve on this already-bound listening socket file descriptor.")
     backlog: int = _opt(2048, "Listen backlog: connections the kernel queues before accept().")
 
@@ -304,6 +309,15 @@ class Config:
         for name in ("write_high_water", "read_high_water"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 byte")
+        if self.uds_perms is not None:
+            try:
+                mode = int(self.uds_perms, 8)
+            except ValueError:
+                mode = -1
+            if not 0 <= mode <= 0o777:
+                raise ConfigError(
+                    f"uds_perms must be an octal mode such as 660, got {self.uds_perms!r}"
+                )
         if self.fd is not None and self.fd < 0:
             raise ConfigError(f"fd must not be negative, got {self.fd}")
         for spec in self.bind:

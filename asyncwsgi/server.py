@@ -316,7 +316,10 @@ def bind_socket(spec: BindSpec, config: Config) -> socket.socket:
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.stat(spec.path).st_mode):
                 os.unlink(spec.path)
-        return _bind_listen(socket.AF_UNIX, spec.path, config.backlog, [])
+        sock = _bind_listen(socket.AF_UNIX, spec.path, config.backlog, [])
+        if config.uds_perms is not None:
+            os.chmod(spec.path, int(config.uds_perms, 8))
+        return sock
     infos = socket.getaddrinfo(
         spec.host or None, spec.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )

@@ -15,6 +15,7 @@ DEFAULTS: dict[str, Any] = {
     "port": 8000,
     "bind": (),
     "uds": None,
+    "uds_perms": None,
     "fd": None,
     "backlog": 2048,
     "factory": False,
@@ -273,3 +274,10 @@ def test_listen_specs_combine_bind_uds_and_fd() -> None:
     ]
     assert Config(uds="/tmp/only").listen_specs() == [BindSpec(kind="unix", path="/tmp/only")]
     assert Config(fd=0).listen_specs() == [BindSpec(kind="fd", fd=0)]
+
+
+def test_uds_perms_is_an_octal_mode() -> None:
+    assert Config(uds_perms="660").uds_perms == "660"
+    for bad in ("999", "rw-", "1000"):
+        with pytest.raises(ConfigError, match="octal"):
+            Config(uds_perms=bad)

@@ -638,3 +638,13 @@ def test_generator_body_is_not_delayed() -> None:
 
     run_wsgi(app, {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, Sink())
     assert handed == [b"first", b"second"]
+
+
+async def test_uds_perms_sets_the_socket_mode(tmp_path: Path) -> None:
+    path = tmp_path / "app.sock"
+    async with running(apps.hello, uds=str(path), uds_perms="600"):
+        assert (path.stat().st_mode & 0o777) == 0o600
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), TIMEOUT)).endswith(b"Hello, world!")
+        writer.close()
