@@ -579,16 +579,6 @@ def test_bind_tcp_and_unix_together(tmp_path: Path) -> None:
     assert not path.exists()
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
 def test_bind_ipv6_in_brackets() -> None:
     with CLIServer("tests.apps:environ_app", "-b", "[::1]:0") as server:
         url = server.url()
