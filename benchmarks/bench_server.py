@@ -153,6 +153,8 @@ class Server:
     reference: bool = False
     #: The HTTP side runs in native code (granian: Rust), not in Python.
     native: bool = False
+    #: Shown as the floor, not a target (wsgiref: HTTP/1.0, a thread per connection).
+    floor: bool = False
     default_threads: int | None = None
 
     def supports(self, scenario: str) -> bool:
@@ -337,6 +339,7 @@ SERVERS: dict[str, Server] = {
             (),
             (),
             cmd_launcher("wsgiref"),
+            floor=True,
         ),
         Server(
             "nginx",
@@ -1485,7 +1488,7 @@ class Report:
             if s.ok_runs
             and s.server != "asyncwsgi"
             and not SERVERS[s.server].reference
-            and not (python_only and SERVERS[s.server].native)
+            and not (python_only and (SERVERS[s.server].native or SERVERS[s.server].floor))
         ]
         return max(peers, key=lambda s: s.rps) if peers else None
 
@@ -1494,8 +1497,9 @@ class Report:
             "## Where we stand",
             "",
             "Medians of req/s (for idle and slowloris: hello req/s with the extra connections",
-            "open). Python peers are the servers whose HTTP handling runs in Python; granian's",
-            "runs in Rust and nginx is the static-file / fixed-response reference.",
+            "open). Python peers are gunicorn, waitress, cheroot and uvicorn: their HTTP handling",
+            "runs in Python. granian's runs in Rust; wsgiref (HTTP/1.0, a thread per connection)",
+            "is the floor; nginx is the static-file / fixed-response reference.",
             "",
             "| scenario | asyncwsgi | best Python peer | asyncwsgi / it | best peer (any) "
             "| asyncwsgi / it | nginx |",

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 TUNED_BACKLOG = 2048
 TUNED_KEEP_ALIVE_S = 60
+TUNED_CONNECTION_LIMIT = 12_000
 
 
 def load_app(spec: str) -> WSGIApplication:
@@ -44,6 +45,9 @@ def run_cheroot(app: WSGIApplication, args: argparse.Namespace) -> None:
             "timeout": TUNED_KEEP_ALIVE_S,
         }
     server = wsgi.Server((args.host, args.port), app, **options)
+    if not args.defaults:
+        # cheroot closes idle keep-alive connections beyond this many (default 10).
+        server.keep_alive_conn_limit = TUNED_CONNECTION_LIMIT
     server.safe_start()
 
 
