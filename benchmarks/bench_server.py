@@ -1589,7 +1589,10 @@ class Report:
             sep = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         lines = [
             f"{count:,} {what} are opened after the 'without' measurement and kept open during "
-            f"the 'with' one; 'held' is how many were open when the measurement started.",
+            f"the 'with' one; 'held' is how many were open when the measurement started. "
+            "with/without is the median of the per-round ratios. 'starved': no hello request "
+            f"completed while they were open (wrk's {WRK_TIMEOUT} timeout is not reached within "
+            "the run, so such rows show no errors).",
             "",
             head,
             sep,
@@ -1604,7 +1607,7 @@ class Report:
             row = (
                 f"| {s.server} | {e.get('held_at_start', 0):,.0f} | {fmt_num(e['rps_without'])} "
                 f"| {fmt_num(e['rps_with'])} | {e['with_over_without']:.2f} | {ratio} "
-                f"| {fmt_ms(s.p99_ms)} | {s.errors_text()} "
+                f"| {fmt_ms(s.p99_ms) if e['rps_with'] else 'starved'} | {s.errors_text()} "
             )
             if idle:
                 row += (
