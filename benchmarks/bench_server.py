@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import http.client
 import importlib
 import json
@@ -34,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -1723,6 +1724,29 @@ def reexec_in_venv(opts: Options, argv: Sequence[str]) -> None:
     os.execv(str(python), [str(python), str(Path(__file__).resolve()), *argv])
 
 
+def take_machine_lock() -> IO[str]:
+    """Take the machine-wide benchmark lock, waiting for a run already in progress.
+
+    Two runs at once share the two cores and spoil each other's numbers. The lock is an
+    advisory ``flock`` on a file in the temp directory, released when this process exits.
+    """
+    path = Path(tempfile.gettempdir()) / "asyncwsgi-bench" / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        log(f"another benchmark run holds {path} ({holder}); waiting for it to finish")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
 def pin_self(opts: Options) -> None:
     """Keep the harness itself off the server's core."""
     if opts.client_cpu is not None:
@@ -1766,6 +1790,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if limit < opts.idle_connections + 1024 and "idle" in opts.scenarios:
         log(f"RLIMIT_NOFILE is {limit}: fewer idle connections than asked may be opened")
     pin_self(opts)
+    lock = take_machine_lock()
     bench_file_path()
     report = Report(opts)
     log(f"versions: {json.dumps(report.versions)}")
@@ -1777,6 +1802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.write()
     if opts.charts:
         report.charts()
+    lock.close()
     print(report.markdown())
     log(f"wrote {RESULTS_DIR / (opts.output + '.md')} in {time.monotonic() - started:.0f} s")
     return 0
