@@ -94,7 +94,7 @@ class Server:
         config = self.config
         sslcontext = create_ssl_context(config)  # once, for every listener
         scheme = "https" if sslcontext is not None else "http"
-        self._pool = WorkerPool(config.threads)
+        self._pool = WorkerPool(loop, config.threads)
         state = self._state = ServerState(
             config, self.app, self._pool, multiprocess=config.workers > 1
         )
@@ -169,7 +169,7 @@ class Server:
             for channel in list(state.channels):
                 channel.check_timeouts(now, perf_now)
             queued = pool.queued
-            if queued and self._overload_log.ready():
+            if queued and pool.busy >= pool.max_threads and self._overload_log.ready():
                 # waitress's "Task queue depth" warning.
                 error_logger.warning(
                     "All %d threads busy; task queue depth is %d", pool.max_threads, queued

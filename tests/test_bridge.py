@@ -9,6 +9,7 @@ sleeping.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -633,15 +634,48 @@ def test_client_disconnected_reports_disconnect_and_half_close(
     assert sink.client_disconnected() is True
 
 
-def test_pool_starts_a_thread_for_a_call_that_an_idle_thread_cannot_take() -> None:
-    """Two calls submitted back to back after a thread went idle both run at once: the second
-    never waits behind the first while the pool is below max_threads."""
-    pool = WorkerPool(2, name="asyncwsgi_test")
+#: A stall interval no test outlasts: the pool's stall check never wakes a thread, so what the
+#: test sees comes from the wake-up in :meth:`WorkerPool.submit` alone.
+NEVER = 3600.0
+
+
+async def test_pool_runs_a_burst_of_calls_on_one_thread() -> None:
+    """Calls submitted in one loop iteration wake one thread, which runs them all; the next
+    burst finds it parked and wakes it again, instead of starting another."""
+    pool = WorkerPool(asyncio.get_running_loop(), 8, name="asyncwsgi_test", stall=NEVER)
+    try:
+        ran: list[int] = []
+        for _ in range(3):
+            done = threading.Event()
+            for _ in range(100):
+                pool.submit(ran.append, threading.get_ident)
+            pool.submit(done.set)
+            assert await asyncio.to_thread(done.wait, TIMEOUT)
+        assert len(ran) == 300
+        assert pool.threads == 1
+    finally:
+        assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
+
+
+async def test_pool_never_loses_a_wake_up() -> None:
+    """A call submitted while the only thread is going idle still runs: the thread parks, sees
+    the call, and takes it, or the loop unparks it. The stall check cannot rescue a lost one."""
+    pool = WorkerPool(asyncio.get_running_loop(), 1, name="asyncwsgi_test", stall=NEVER)
+    try:
+        for _ in range(300):
+            done = threading.Event()
+            pool.submit(done.set)
+            assert await asyncio.to_thread(done.wait, TIMEOUT)
+    finally:
+        assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
+
+
+async def test_pool_wakes_another_thread_for_a_call_stuck_behind_a_blocked_one() -> None:
+    """Two calls submitted back to back, the first blocked: the second runs in another thread
+    while the first still blocks, both when the pool starts one and when it unparks one."""
+    pool = WorkerPool(asyncio.get_running_loop(), 2, name="asyncwsgi_test")
     try:
         for _ in range(20):
-            warm = threading.Event()
-            pool.submit(warm.set)
-            assert warm.wait(TIMEOUT)
             release = threading.Event()
             entered = threading.Semaphore(0)
 
@@ -653,9 +687,32 @@ def test_pool_starts_a_thread_for_a_call_that_an_idle_thread_cannot_take() -> No
 
             pool.submit(blocked)
             pool.submit(blocked)
-            assert entered.acquire(timeout=TIMEOUT)
-            assert entered.acquire(timeout=TIMEOUT), "the second call waited for the first"
+            assert await asyncio.to_thread(entered.acquire, timeout=TIMEOUT)
+            assert await asyncio.to_thread(entered.acquire, timeout=TIMEOUT), (
+                "the second call waited for the first"
+            )
             release.set()
         assert pool.threads == 2
     finally:
-        assert pool.shutdown(TIMEOUT) == 0
+        assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
+
+
+async def test_pool_shutdown_runs_queued_calls_and_stops_every_thread() -> None:
+    pool = WorkerPool(asyncio.get_running_loop(), 4, name="asyncwsgi_test", stall=NEVER)
+    warm = threading.Event()
+    pool.submit(warm.set)
+    assert await asyncio.to_thread(warm.wait, TIMEOUT)
+    ran: list[int] = []
+    for n in range(4):
+        pool.submit(ran.append, n)
+    assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
+    assert sorted(ran) == [0, 1, 2, 3]
+    assert not any(thread.name.startswith("asyncwsgi_test") for thread in threading.enumerate())
+
+
+async def test_pool_shutdown_runs_calls_no_thread_took() -> None:
+    pool = WorkerPool(asyncio.get_running_loop(), 4, name="asyncwsgi_test")
+    ran: list[int] = []
+    pool.submit(ran.append, 1)  # shutdown starts before the loop wakes a thread for it
+    assert pool.shutdown(TIMEOUT) == 0
+    assert ran == [1]
