@@ -449,13 +449,15 @@ class RequestBody:
     """
 
     __slots__ = (
-        "_buffer",
         "_call",
+        "_chunks",
         "_cond",
         "_continue",
         "_eof",
         "_error",
         "_high_water",
+        "_offset",
+        "_size",
         "_target",
         "_timeout",
         "reading_paused",
@@ -475,7 +477,11 @@ class RequestBody:
         self._continue = expect_continue
         self._timeout = timeout
         self._cond = threading.Condition(threading.Lock())
-        self._buffer = bytearray()
+        # The unread body: the chunks as fed (never copied on the way in), the bytes of the
+        # first one already read, and the bytes buffered unread in all.
+        self._chunks: deque[bytes | bytearray] = deque()
+        self._offset = 0
+        self._size = 0
         self._eof = False
         self._error: str | None = None
         #: Set by the loop when it stopped reading the socket because the buffer is full.
@@ -483,17 +489,18 @@ class RequestBody:
 
     # -- loop thread ----------------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> bool:
-        """Append body bytes. Loop thread only.
+    def feed(self, data: bytes | bytearray) -> bool:
+        """Append body bytes; ``data`` is kept, not copied, and must not change. Loop thread.
 
         Returns:
             True when the buffer is now at or over the high-water mark: stop reading the socket
             (and set :attr:`reading_paused`) until the worker asks to resume.
         """
         with self._cond:
-            self._buffer += data
+            self._chunks.append(data)
+            self._size += len(data)
             self._cond.notify_all()
-            if len(self._buffer) >= self._high_water:
+            if self._size >= self._high_water:
                 self.reading_paused = True
                 return True
             return False
@@ -514,13 +521,27 @@ class RequestBody:
 
     # -- worker thread ------------------------------------------------------------------------
 
+    def _line_end(self, limit: int) -> int:
+        """Bytes up to and including the first buffered ``\n``, or -1; looks at no more than
+        ``limit`` bytes when ``limit`` >= 0. Lock held."""
+        seen = 0
+        start = self._offset
+        for chunk in self._chunks:
+            end = chunk.find(b"\n", start)
+            if end >= 0:
+                return seen + end - start + 1
+            seen += len(chunk) - start
+            if 0 <= limit <= seen:
+                return -1
+            start = 0
+        return -1
+
     def _fill(self, want: int, line: bool) -> None:
         """Wait until ``want`` bytes (or a line) are buffered, or the body ended. Lock held."""
-        buffer = self._buffer
         while not self._eof:
             if self._error is not None:
                 raise ClientDisconnected(self._error)
-            if (want >= 0 and len(buffer) >= want) or (line and b"\n" in buffer):
+            if (want >= 0 and self._size >= want) or (line and self._line_end(want) >= 0):
                 return
             if self._continue:
                 self._continue = False
@@ -532,15 +553,36 @@ class RequestBody:
                 raise ClientDisconnected(f"no request body data for {self._timeout:g} s")
 
     def _take(self, size: int) -> bytes:
-        """Remove and return up to ``size`` bytes (all when negative). Lock held."""
-        buffer = self._buffer
-        if size < 0 or size >= len(buffer):
-            data = bytes(buffer)
-            buffer.clear()
+        """Remove and return up to ``size`` bytes (all when negative), copied once. Lock held."""
+        if size < 0 or size > self._size:
+            size = self._size
+        if not size:
+            return b""
+        chunks = self._chunks
+        offset = self._offset
+        first = chunks[0]
+        if not offset and len(first) == size and type(first) is bytes:
+            chunks.popleft()
+            data = first
         else:
-            data = bytes(buffer[:size])
-            del buffer[:size]
-        if self.reading_paused and len(buffer) < self._high_water // 2:
+            pieces: list[bytes | bytearray | memoryview] = []
+            need = size
+            while need:
+                chunk = chunks[0]
+                left = len(chunk) - offset
+                if left <= need:
+                    pieces.append(memoryview(chunk)[offset:] if offset else chunk)
+                    chunks.popleft()
+                    offset = 0
+                    need -= left
+                else:
+                    pieces.append(memoryview(chunk)[offset : offset + need])
+                    offset += need
+                    need = 0
+            data = b"".join(pieces)
+        self._offset = offset if chunks else 0
+        self._size -= size
+        if self.reading_paused and self._size < self._high_water // 2:
             self.reading_paused = False
             self._call(self._target.resume_body)
         return data
@@ -568,8 +610,8 @@ class RequestBody:
         limit = -1 if size is None or size < 0 else size
         with self._cond:
             self._fill(limit, line=True)
-            end = self._buffer.find(b"\n")
-            take = len(self._buffer) if end < 0 else end + 1
+            end = self._line_end(limit)
+            take = self._size if end < 0 else end
             if limit >= 0:
                 take = min(take, limit)
             return self._take(take)

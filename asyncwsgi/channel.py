@@ -127,7 +127,7 @@ class _Cycle:
 
     def __init__(self, request: h11.Request, started: float) -> None:
         self.request = request
-        self.chunks: list[bytes] = []
+        self.chunks: list[bytes | bytearray] = []
         self.body: RequestBody | None = None
         self.body_complete = False
         self.sink: ResponseSink | None = None
@@ -167,6 +167,7 @@ class HTTPChannel(asyncio.Protocol):
         "loop",
         "proxy_headers",
         "remote",
+        "served",
         "state",
         "transport",
         "url_scheme",
@@ -189,6 +190,8 @@ class HTTPChannel(asyncio.Protocol):
         self.closing = False
         #: Loop time since which the connection waits for a request with no byte of it yet.
         self.idle_since: float | None = None
+        #: Whether a response has been completed on this connection (keep-alive).
+        self.served = False
         #: Closing, but reading and discarding what the client still sends (see _linger).
         self.lingering = False
         self._linger_since = 0.0
@@ -357,7 +360,7 @@ class HTTPChannel(asyncio.Protocol):
         for event in events:
             kind = type(event)
             if kind is h11.Data:
-                self._on_body_data(bytes(event.data))
+                self._on_body_data(event.data)  # h11 hands over a new bytearray: no copy
             elif kind is h11.Request:
                 self.cycle = _Cycle(event, time.perf_counter())
             elif kind is h11.EndOfMessage:
@@ -374,7 +377,7 @@ class HTTPChannel(asyncio.Protocol):
         if cycle is not None and cycle.sink is None and not self.closing:
             self._dispatch(cycle)
 
-    def _on_body_data(self, data: bytes) -> None:
+    def _on_body_data(self, data: bytes | bytearray) -> None:
         cycle = self.cycle
         assert cycle is not None
         if cycle.body is None:
@@ -464,6 +467,8 @@ class HTTPChannel(asyncio.Protocol):
                 status, reason, headers = head
                 cycle.status = status
                 cycle.response_headers = headers
+                if self.state.shutting_down:
+                    headers.append((b"Connection", b"close"))  # the last on this connection
                 out.append(
                     conn.send_response(
                         status, reason, headers, self.state.date_header, nbytes if end else None
@@ -502,6 +507,8 @@ class HTTPChannel(asyncio.Protocol):
         status, reason, headers = head
         cycle.status = status
         cycle.response_headers = headers
+        if self.state.shutting_down:
+            headers.append((b"Connection", b"close"))
         try:
             transport = self.transport
             assert transport is not None
@@ -592,6 +599,7 @@ class HTTPChannel(asyncio.Protocol):
             self._close_after_response()
             return
         conn.start_next_cycle()
+        self.served = True
         self.idle_since = self.loop.time()
         self._notify_idle()
         self._resume_reading(_PAUSE_PIPELINE | _PAUSE_BODY)
@@ -873,6 +881,13 @@ class HTTPChannel(asyncio.Protocol):
     def in_flight(self) -> bool:
         """Whether a request is being served on this connection (and it is not closing)."""
         return self.cycle is not None and not self.closing
+
+    @property
+    def idle_after_response(self) -> bool:
+        """Whether the connection waits for its next request after serving one, with no byte of
+        it received: closing it loses nothing a client does not retry (RFC 9112 section 9.3.1).
+        A new connection that has sent nothing yet is not: its request is usually in flight."""
+        return self.served and self.idle_since is not None and not self.closing
 
 
 class _FileSender:

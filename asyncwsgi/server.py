@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Server", "serve", "run", "new_event_loop", "bind_socket"]
 
+#: Seconds a connection accepted before a graceful shutdown began may still take to send its
+#: first request (bounded by the shutdown timeout).
+FIRST_REQUEST_GRACE = 1.0
+
 
 class Server:
     """An HTTP/1.1 server for one WSGI application, on the running event loop.
@@ -257,19 +261,33 @@ class Server:
             sock.close()
         if self._resuming is not None:
             self._resuming.cancel()
+        # Idle keep-alive connections close now. A connection accepted just before the listener
+        # closed, whose request has not arrived or is arriving, gets FIRST_REQUEST_GRACE seconds
+        # to send it, and is answered with Connection: close: a rolling restart (SIGHUP, or a
+        # deploy behind a load balancer) then fails no request that reached this process.
         for channel in list(state.channels):
-            if not channel.in_flight:
+            if channel.idle_after_response:
                 channel.close()
+
+        def close_unstarted() -> None:
+            for channel in list(state.channels):
+                if not channel.in_flight:
+                    channel.close()
+
+        grace = asyncio.get_running_loop().call_later(
+            min(timeout, FIRST_REQUEST_GRACE), close_unstarted
+        )
         idle = state.idle_changed
         assert idle is not None
 
         async def requests_finished() -> None:
-            while any(channel.in_flight for channel in state.channels):
+            while any(not channel.closing for channel in state.channels):
                 idle.clear()
                 await idle.wait()
 
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(requests_finished(), timeout)
+        grace.cancel()
         for channel in list(state.channels):
             channel.abort()
         if self._housekeeping is not None:

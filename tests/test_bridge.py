@@ -16,6 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from asyncwsgi.bridge import EMPTY_BODY, Head, RequestBody, ResponseSink, WorkerPool
 from asyncwsgi.errors import ClientDisconnected
@@ -416,6 +418,38 @@ def test_read_n_returns_once_n_bytes_are_there(loop: FakeLoop, target: Target) -
     body.feed_eof()
     assert body.read(10) == b"gh"
     assert body.read(1) == b""
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pieces=st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"\n")), max_size=12),
+    sizes=st.lists(st.integers(min_value=-1, max_value=50), min_size=1, max_size=30),
+    lines=st.booleans(),
+)
+def test_reads_across_fed_chunks_give_back_the_body_in_order(
+    pieces: list[bytes], sizes: list[int], lines: bool
+) -> None:
+    """Whatever the chunks fed (bytes or h11's bytearrays) and the read or readline sizes, the
+    reads return ``bytes`` that add up to the body, each the size asked for, or one line."""
+    body = RequestBody(FakeLoop().call_soon_threadsafe, Target(), 1 << 20, False, PATIENCE)
+    whole = b"".join(pieces)
+    for n, piece in enumerate(pieces):
+        body.feed(bytearray(piece) if n % 2 else piece)
+    body.feed_eof()
+    out = []
+    for size in sizes:
+        data = body.readline(size) if lines else body.read(size)
+        assert type(data) is bytes
+        rest = whole[sum(map(len, out)) :]
+        if lines:
+            end = rest.find(b"\n")
+            expected = rest if end < 0 else rest[: end + 1]
+            assert data == (expected if size < 0 else expected[:size])
+        else:
+            assert data == (rest if size < 0 else rest[:size])
+        out.append(data)
+    out.append(body.read())
+    assert b"".join(out) == whole
 
 
 def test_readline(loop: FakeLoop, target: Target) -> None:

@@ -293,6 +293,8 @@ async def test_request_that_waited_too_long_for_a_thread_gets_503(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     gate = Gate()
+    # The warning is throttled process-wide: another test's 503 must not silence this one's.
+    monkeypatch.setattr(wsgi_module, "_queue_throttle", wsgi_module.LogThrottle())
     with watch_errors() as log:
         async with running(gate, threads=1, timeout_queue=5.0, timeout_keep_alive=0.2) as srv:
             first = asyncio.ensure_future(

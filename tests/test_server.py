@@ -18,6 +18,7 @@ import pytest
 
 import asyncwsgi
 from asyncwsgi import bridge
+from asyncwsgi.channel import HTTPChannel
 from asyncwsgi.errors import ClientDisconnected
 
 from . import apps
@@ -551,8 +552,9 @@ async def test_graceful_shutdown_lets_in_flight_request_finish() -> None:
     release = threading.Event()
 
     def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        entered.set()
-        release.wait(TIMEOUT)
+        if environ["PATH_INFO"] == "/block":
+            entered.set()
+            release.wait(TIMEOUT)
         start_response("200 OK", [("Content-Length", "4")])
         return [b"done"]
 
@@ -560,10 +562,12 @@ async def test_graceful_shutdown_lets_in_flight_request_finish() -> None:
     await server.start()
     port = server.addresses[0][1]
     idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
-    request = asyncio.ensure_future(exchange(port, GET))
+    idle_writer.write(GET)
+    await asyncio.wait_for(idle_reader.readuntil(b"done"), TIMEOUT)
+    request = asyncio.ensure_future(exchange(port, b"GET /block HTTP/1.1\r\nHost: t\r\n\r\n"))
     assert await asyncio.to_thread(entered.wait, TIMEOUT)
     shutdown = asyncio.ensure_future(server.shutdown(TIMEOUT))
-    # The idle connection is closed at once; the listener no longer accepts.
+    # The idle keep-alive connection is closed; the listener no longer accepts.
     assert await asyncio.wait_for(idle_reader.read(), TIMEOUT) == b""
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection("127.0.0.1", port)
@@ -572,6 +576,47 @@ async def test_graceful_shutdown_lets_in_flight_request_finish() -> None:
     await asyncio.wait_for(shutdown, TIMEOUT)
     assert decode_replies(raw)[0].body == b"done"
     idle_writer.close()
+
+
+async def test_graceful_shutdown_serves_the_request_of_a_connection_it_just_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rolling restart fails no request: a connection accepted before the shutdown began
+    may still send its request, answered with Connection: close; one that sends nothing is
+    closed once its grace has run out, and the shutdown does not wait for the timeout."""
+    accepted = asyncio.Event()
+    began = asyncio.Event()
+    connection_made = HTTPChannel.connection_made
+    idle_after_response = HTTPChannel.idle_after_response
+
+    def counting_connection_made(self: HTTPChannel, transport: Any) -> None:
+        connection_made(self, transport)
+        if len(self.state.channels) == 2:
+            accepted.set()
+
+    def watched_idle_after_response(self: HTTPChannel) -> bool:
+        began.set()  # the shutdown looks at each connection once it has begun
+        return idle_after_response.fget(self)  # type: ignore[attr-defined,no-any-return]
+
+    monkeypatch.setattr(HTTPChannel, "connection_made", counting_connection_made)
+    monkeypatch.setattr(HTTPChannel, "idle_after_response", property(watched_idle_after_response))
+    server = asyncwsgi.Server(apps.hello, asyncwsgi.Config(host="127.0.0.1", port=0))
+    await server.start()
+    port = server.addresses[0][1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", port)
+    await asyncio.wait_for(accepted.wait(), TIMEOUT)
+    shutdown = asyncio.ensure_future(server.shutdown(TIMEOUT))
+    await asyncio.wait_for(began.wait(), TIMEOUT)
+    writer.write(GET)
+    (reply,) = decode_replies(await asyncio.wait_for(reader.read(), TIMEOUT))
+    assert reply.status == 200
+    assert reply.body == b"Hello, world!"
+    assert reply.headers["connection"] == "close"
+    assert await asyncio.wait_for(silent_reader.read(), TIMEOUT) == b""
+    await asyncio.wait_for(shutdown, TIMEOUT)
+    writer.close()
+    silent_writer.close()
 
 
 async def test_idle_keep_alive_connection_is_closed_after_timeout() -> None:
