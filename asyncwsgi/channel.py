@@ -41,6 +41,8 @@ __all__ = ["HTTPChannel", "ServerState"]
 
 # Responses up to this many body bytes are joined into one write.
 _JOIN_BELOW = 16 * 1024
+# Body blocks handed over together, up to this many bytes, are framed and written as one.
+_MERGE_BELOW = 512 * 1024
 
 # Reasons reading is paused; reading resumes when none is left.
 _PAUSE_PIPELINE = 1
@@ -474,8 +476,15 @@ class HTTPChannel(asyncio.Protocol):
                         status, reason, headers, self.state.date_header, nbytes if end else None
                     )
                 )
-            for chunk in chunks:
-                out.extend(conn.send_data(chunk))
+            if len(chunks) > 1 and nbytes <= _MERGE_BELOW:
+                # Blocks the app yielded since the last hand-off go out as one HTTP chunk (or
+                # one piece of a Content-Length body): one copy costs less than h11 framing
+                # each block. PEP 3333 asks that no block be held back, not that each keep its
+                # own chunk.
+                out.extend(conn.send_data(b"".join(chunks)))
+            else:
+                for chunk in chunks:
+                    out.extend(conn.send_data(chunk))
             tail = conn.send_end() if end else b""
         except h11.LocalProtocolError as exc:
             error_logger.error("Invalid response to %s: %s", self._request_line(cycle), exc)

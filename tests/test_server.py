@@ -112,6 +112,37 @@ async def test_stream_without_length_is_chunked_on_11_and_close_delimited_on_10(
     assert body == reply.body
 
 
+async def test_blocks_handed_over_together_go_out_as_one_chunk() -> None:
+    """Blocks the app yields while the loop is busy reach the wire together, framed as one
+    chunk: none is held back, and h11 frames them once."""
+    started = threading.Event()
+    go = threading.Event()
+    yielded = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        started.set()
+        go.wait(TIMEOUT)
+        yield b"ab"
+        yield b"cd"
+        yield b"ef"
+        yielded.set()
+
+    async with running(app) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        assert await asyncio.to_thread(started.wait, TIMEOUT)
+        go.set()
+        # Keep the loop busy (this thread is the loop's) until the app has yielded every block.
+        assert yielded.wait(TIMEOUT)
+        raw = await asyncio.wait_for(reader.read(), TIMEOUT)
+        writer.close()
+    assert raw.endswith(b"\r\n\r\n6\r\nabcdef\r\n0\r\n\r\n")
+    (reply,) = decode_replies(raw)
+    assert reply.body == b"abcdef"
+
+
 async def test_single_chunk_list_gets_content_length() -> None:
     app = apps.status_app("200 OK", [("Content-Type", "text/plain")], [b"abc"])
     async with running(app) as srv, httpx.AsyncClient() as client:
