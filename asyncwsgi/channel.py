@@ -612,6 +612,8 @@ class HTTPChannel(asyncio.Protocol):
         self.idle_since = self.loop.time()
         self._notify_idle()
         self._resume_reading(_PAUSE_PIPELINE | _PAUSE_BODY)
+        if not conn.has_unparsed_data and not self._peer_eof:
+            return  # the usual case: nothing of a next request yet, h11 has nothing to say
         try:
             events = conn.next_events()
         except RequestRejected as exc:

@@ -52,6 +52,9 @@ ReceivedEvent = h11.Request | h11.Data | h11.EndOfMessage | h11.ConnectionClosed
 
 _NO_BODY_STATUS = frozenset({204, 304})
 
+# h11 events are immutable: one EndOfMessage without trailers serves every response.
+_END_OF_MESSAGE: Final = h11.EndOfMessage()
+
 # Stands in for the h11 state of an idle connection that released it (never used itself).
 _RELEASED: Final = h11.Connection(h11.SERVER)
 
@@ -173,8 +176,7 @@ class ServerConnection:
     @property
     def has_unparsed_data(self) -> bool:
         """Whether bytes of a next request wait in h11's buffer (pipelining)."""
-        conn = self._conn
-        return conn is not _RELEASED and bool(conn.trailing_data[0])
+        return self._conn is not _RELEASED and bool(self._unparsed())
 
     def next_events(self) -> list[ReceivedEvent]:
         """Return the events h11 can produce from data it already holds (after a new cycle).
@@ -435,7 +437,7 @@ class ServerConnection:
         if self._bytes_left:
             self._conn.send_failed()
             return None
-        data = self._conn.send(h11.EndOfMessage())
+        data = self._conn.send(_END_OF_MESSAGE)
         assert data is not None
         return data
 

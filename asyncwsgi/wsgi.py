@@ -50,6 +50,9 @@ _STATUS_RE = re.compile(r"[2-5][0-9][0-9](?: [^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _VALUE_RE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*\Z")
 _NAME_CACHE: dict[str, bytes] = {}
+# Validated, encoded (name, value) pairs an app sends again and again (Content-Type, Vary,
+# X-Frame-Options...), by the str pair; Content-Length is never kept. Bounded; any thread.
+_PAIR_CACHE: dict[tuple[str, str], tuple[bytes, bytes]] = {}
 _SERVER_ERROR_BODY = b"Internal Server Error\n"
 #: Seconds a client told 503 is asked to wait before it tries again (RFC 9110 section 10.2.3).
 RETRY_AFTER = b"1"
@@ -121,6 +124,13 @@ def _encode_head(status: object, headers: object) -> Head:
     for item in headers:
         if type(item) is not tuple or len(item) != 2:
             raise ResponseError(f"header must be a (name, value) tuple, got {item!r}")
+        try:
+            pair = _PAIR_CACHE.get(item)
+        except TypeError:  # unhashable: not two strings, refused below
+            pair = None
+        if pair is not None:
+            append(pair)
+            continue
         name, value = item
         raw_name = _NAME_CACHE.get(name)
         if raw_name is None:
@@ -142,7 +152,12 @@ def _encode_head(status: object, headers: object) -> Head:
             if not raw_value.isdigit() or length_seen:
                 raise ResponseError(f"invalid or repeated Content-Length {value!r}")
             length_seen = True
-        append((raw_name, raw_value))
+            append((raw_name, raw_value))
+            continue
+        pair = (raw_name, raw_value)
+        if len(_PAIR_CACHE) < 1024:
+            _PAIR_CACHE[item] = pair
+        append(pair)
     reason = status[4:].encode("latin-1", "replace")
     return int(status[:3]), reason, encoded
 

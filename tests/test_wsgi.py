@@ -471,6 +471,36 @@ def test_valid_statuses_and_headers_are_encoded_as_latin1() -> None:
     )
 
 
+def test_headers_are_checked_the_same_every_time_a_pair_repeats(
+    errors: Callable[[], list[logging.LogRecord]],
+) -> None:
+    """Encoded pairs are remembered, so a repeated header skips its checks: a refused one is
+    never remembered, a Content-Length never is either (each response is checked again), and
+    a remembered pair encodes as it did the first time."""
+    heads = [
+        [("X-Same", "caf\xe9"), ("Content-Length", "1")],
+        [("X-Same", "caf\xe9"), ("Content-Length", "1"), ("Content-Length", "1")],
+        [("X-Bad", "a\nb")],
+        [("Connection", "close")],
+        [("X-Same", "caf\xe9")],
+    ]
+    outcomes = []
+    for _ in range(2):
+        for headers in heads:
+
+            def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+                start_response("200 OK", headers)  # noqa: B023 - called before the next loop
+                return [b"x"]
+
+            sink = FakeSink()
+            run(app, sink)
+            outcomes.append(sink.head)
+    assert outcomes[:5] == outcomes[5:]
+    assert [head[0] for head in outcomes[:5]] == [200, 500, 500, 500, 200]
+    assert outcomes[0][2] == [(b"X-Same", b"caf\xe9"), (b"Content-Length", b"1")]
+    assert len(errors()) == 6
+
+
 def test_second_start_response_without_exc_info_is_an_error(
     errors: Callable[[], list[logging.LogRecord]],
 ) -> None:
