@@ -1522,7 +1522,97 @@ class Report:
                 cells.append(f"{ratio:.2f}x" if ratio is not None else "-")
             cells.append(fmt_num(nginx.rps) if nginx and nginx.ok_runs else "-")
             lines.append("| " + " | ".join(cells) + " |")
-        return [*lines, ""]
+        return [*lines, "", *self.markdown_targets()]
+
+    def markdown_targets(self) -> list[str]:
+        """The goals of the benchmark issue, each with what this run measured against it."""
+        rows = []
+        for scenario in self.scenarios_done():
+            target = self.target(scenario, self.summaries(scenario))
+            if target is not None:
+                goal, measured, met = target
+                rows.append(f"| {scenario} | {goal} | {measured} | {'met' if met else 'missed'} |")
+        if not rows:
+            return []
+        return [
+            "### Targets",
+            "",
+            "| scenario | target | this run | |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+        ]
+
+    def target(self, scenario: str, rows: list[Summary]) -> tuple[str, str, bool] | None:
+        """(goal, measured, met) for ``scenario``, or None where it has no goal in this mode."""
+        ok = {s.server: s for s in rows if s.ok_runs}
+        ours = ok.get("asyncwsgi")
+        if ours is None:
+            return None
+        if scenario == "sleep":
+            if self.opts.defaults:
+                best = self.best_peer(rows)
+                if best is None:
+                    return None
+                ratio = ours.rps / best.rps
+                return (
+                    "ahead of every peer, each with its own defaults",
+                    f"{ratio:.2f}x {best.server}",
+                    ratio > 1.0,
+                )
+            bound = self.opts.threads / SLEEP_APP_S
+            share = ours.rps / bound
+            return ("within 3 % of threads / 0.05 s", f"{share:.1%} of {bound:.0f}", share >= 0.97)
+        if self.opts.defaults:
+            return None
+        if scenario in ("hello", "body64k", "flask", "django"):
+            best = self.best_peer(rows, python_only=True)
+            if best is None:
+                return None
+            ratio = ours.rps / best.rps
+            return (
+                "1.5x the best Python peer, p99 no worse",
+                f"{ratio:.2f}x {best.server}; p99 {fmt_ms(ours.p99_ms)} vs "
+                f"{fmt_ms(best.p99_ms)} ms",
+                ratio >= 1.5 and ours.p99_ms <= best.p99_ms,
+            )
+        if scenario in ("body1m", "stream", "echo"):
+            best = self.best_peer(rows)
+            if best is None:
+                return None
+            ratio = ours.rps / best.rps
+            return (
+                "at least the best peer, granian included",
+                f"{ratio:.2f}x {best.server}",
+                ratio >= 1.0,
+            )
+        if scenario == "file":
+            nginx = ok.get("nginx")
+            if nginx is None or not nginx.cpu_ms_per_req or not nginx.rps:
+                return None
+            cpu = ours.cpu_ms_per_req / nginx.cpu_ms_per_req
+            speed = ours.rps / nginx.rps
+            return (
+                "CPU per response at most 1.5x nginx's, req/s at least 0.95x",
+                f"CPU {ours.cpu_ms_per_req:.2f} vs {nginx.cpu_ms_per_req:.2f} ms ({cpu:.2f}x); "
+                f"req/s {speed:.2f}x",
+                cpu <= 1.5 and speed >= 0.95,
+            )
+        if scenario in ("idle", "slowloris"):
+            with_over_without = ours.extra.get("with_over_without", 0.0)
+            if scenario == "slowloris":
+                return (
+                    "hello with 1,000 slow clients at least 0.9x of without",
+                    f"{with_over_without:.2f}",
+                    with_over_without >= 0.9,
+                )
+            kib = ours.extra.get("rss_kib_per_conn", -1.0)
+            return (
+                "at most 3 KiB per idle connection; hello with them at least 0.9x of without",
+                f"{per_conn_text(kib)} KiB; {with_over_without:.2f}",
+                0 <= kib <= 3.0 and with_over_without >= 0.9,
+            )
+        return None
 
     def markdown_scenario(self, scenario: str) -> list[str]:
         rows = self.summaries(scenario)
