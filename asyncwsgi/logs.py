@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import Config
@@ -103,6 +103,37 @@ def setup_logging(config: Config) -> None:
         load_log_config(config.log_config)
         if not config.access_log:
             access_logger.setLevel(logging.CRITICAL + 1)
+
+
+def reopen_log_files() -> int:
+    """Reopen every file the asyncwsgi loggers and the root logger write to; return how many.
+
+    For SIGUSR1 (gunicorn's "reopen the log files"): once logrotate has moved a file away, the
+    next line goes to a new file at the same path, and no line is lost or written to the moved
+    file after the signal. Any thread; a file that cannot be opened keeps its old stream and
+    the error is logged.
+    """
+    handlers: dict[int, logging.FileHandler] = {}
+    for logger in (error_logger, access_logger, logging.getLogger()):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handlers[id(handler)] = handler
+    reopened = 0
+    for handler in handlers.values():
+        try:
+            stream: Any = open(  # noqa: SIM115 - the handler owns it from here on
+                handler.baseFilename, handler.mode, encoding=handler.encoding, errors=handler.errors
+            )
+        except OSError as exc:
+            error_logger.error(
+                "Cannot reopen log file %s: %s", handler.baseFilename, exc.strerror or exc
+            )
+            continue
+        old = handler.setStream(stream)
+        if old is not None:
+            old.close()
+        reopened += 1
+    return reopened
 
 
 def load_log_config(path: str) -> None:

@@ -7,7 +7,8 @@ Three entry points:
 - :func:`serve`: ``await asyncwsgi.serve(app, port=8000)`` on the loop that is already running,
   until cancelled or until ``shutdown_trigger`` returns.
 - :func:`run`: the blocking entry for scripts and the CLI; it creates the loop (uvloop when
-  installed), installs SIGINT/SIGTERM handlers and returns after a graceful shutdown.
+  installed), installs SIGINT/SIGTERM handlers (and SIGUSR1, which reopens the log files)
+  and returns after a graceful shutdown.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from .bridge import WorkerPool
 from .channel import HTTPChannel, ServerState
 from .config import BindSpec, Config
-from .logs import error_logger, setup_logging
+from .logs import error_logger, reopen_log_files, setup_logging
 from .tls import create_ssl_context
 from .wsgi import LogThrottle
 
@@ -150,7 +151,9 @@ class Server:
         """Refresh the Date header, enforce the connections' timeouts, report a saturated pool.
 
         One sweep over the connections, about once a second, and four times per the shortest
-        timeout when that is shorter: requests arm no timers of their own.
+        timeout when that is shorter: requests arm no timers of their own. A sweep is spread
+        over up to ten ticks, each checking its share of the connections, so that ten thousand
+        idle ones cost ten short pauses of the loop instead of one long one.
         """
         state = self.state
         config = self.config
@@ -164,14 +167,22 @@ class Server:
         )
         shortest = min([config.timeout_keep_alive, *(t for t in timeouts if t > 0)])
         interval = min(1.0, max(0.01, shortest / 4))
+        slices = max(1, min(10, round(interval / 0.01)))
         loop = asyncio.get_running_loop()
+        sweep: list[HTTPChannel] = []
+        done = share = 0
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval / slices)
             state.refresh_date()
             now = loop.time()
             perf_now = time.perf_counter()
-            for channel in list(state.channels):
+            if done >= len(sweep):
+                sweep = list(state.channels)
+                done = 0
+                share = -(-len(sweep) // slices)  # ceiling
+            for channel in sweep[done : done + share]:
                 channel.check_timeouts(now, perf_now)
+            done += share
             queued = pool.queued
             if queued and pool.busy >= pool.max_threads and self._overload_log.ready():
                 # waitress's "Task queue depth" warning.
@@ -504,8 +515,12 @@ async def _main(
             for channel in list(server.state.channels):
                 channel.abort()
 
+    def on_usr1() -> None:
+        error_logger.info("Received SIGUSR1, reopening %d log file(s)", reopen_log_files())
+
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
     error_logger.info("Starting asyncwsgi (pid: %d, loop: %s)", os.getpid(), _loop_name(loop))
     await server.start()
     if on_started is not None:
@@ -514,7 +529,7 @@ async def _main(
         await server.should_exit.wait()
     finally:
         await server.shutdown()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             loop.remove_signal_handler(signum)
         error_logger.info("Shutdown complete")
 

@@ -11,6 +11,7 @@ Signals, as gunicorn:
   ``--timeout-graceful-shutdown`` seconds to finish their requests, then SIGKILL.
 - SIGHUP: rolling restart. For each old worker a new one is started, and the old one gets SIGTERM
   only once the new one is accepting: no request is refused during the reload.
+- SIGUSR1: reopen the log files (after logrotate moved them), in the supervisor and every worker.
 - A worker that dies is replaced ("Worker (pid: N) died"); one that exits after
   ``--max-requests`` (plus up to ``--max-requests-jitter``) requests is replaced too. A worker
   that cannot import the application stops the supervisor with exit status 3, as gunicorn's
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .config import Config
-from .logs import error_logger
+from .logs import error_logger, reopen_log_files
 
 if TYPE_CHECKING:
     from ._types import WSGIApplication
@@ -49,6 +50,9 @@ __all__ = ["Supervisor", "APP_LOAD_ERROR"]
 
 #: Exit status of a worker (and of the supervisor) when the application cannot be imported.
 APP_LOAD_ERROR = 3
+
+# The signals the supervisor handles (see the module docstring).
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
 
 AppLoader = Callable[[], "WSGIApplication"]
 
@@ -76,6 +80,7 @@ class Supervisor:
         self._sockets: list[socket.socket] = []
         self._stopping = False
         self._reload_queue: list[int] = []
+        self._reopen_logs = False
         self._retiring: set[int] = set()  # told to stop by a reload: not replaced when they exit
         self._replacing: int | None = None
         self._selector = selectors.DefaultSelector()
@@ -98,7 +103,7 @@ class Supervisor:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         signal.set_wakeup_fd(self._wake_w)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for signum in _SIGNALS:
             signal.signal(signum, self._on_signal)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         if config.reload:
@@ -120,7 +125,7 @@ class Supervisor:
             self._stop_workers()
         finally:
             signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            for signum in _SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
             for sock in self._sockets:
                 sock.close()
@@ -139,6 +144,12 @@ class Supervisor:
                 self._on_ready(key.fd)
         self._reap()
         self._step_reload()
+        if self._reopen_logs:
+            self._reopen_logs = False
+            error_logger.info("Received SIGUSR1, reopening %d log file(s)", reopen_log_files())
+            for pid in self.workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR1)
 
     def _watch_dirs(self) -> list[str]:
         return [os.path.abspath(d) for d in (self.config.reload_dir or (".",))]
@@ -181,6 +192,8 @@ class Supervisor:
                 self._signal_name = signal.Signals(signum).name
         elif signum == signal.SIGHUP:
             self._reload_queue = [pid for pid in self.workers if pid not in self._reload_queue]
+        elif signum == signal.SIGUSR1:
+            self._reopen_logs = True
 
     def _drain_wakeups(self) -> None:
         with contextlib.suppress(BlockingIOError):

@@ -18,7 +18,13 @@ import pytest
 
 from asyncwsgi import Config, ConfigError, accesslog
 from asyncwsgi.accesslog import AccessEntry, AccessFormat
-from asyncwsgi.logs import access_logger, error_logger, load_log_config, setup_logging
+from asyncwsgi.logs import (
+    access_logger,
+    error_logger,
+    load_log_config,
+    reopen_log_files,
+    setup_logging,
+)
 
 from . import apps
 from .helpers import exchange, running
@@ -290,6 +296,45 @@ def test_access_logfile_gets_bare_lines(tmp_path: Path) -> None:
     error_logger.info("not here")
     _flush()
     assert path.read_text() == "one line\n"
+
+
+@pytest.mark.usefixtures("restore_loggers")
+def test_reopen_log_files_after_a_move(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    setup_logging(Config(access_logfile=str(path)))
+    try:
+        access_logger.info("before")
+        path.rename(tmp_path / "access.log.1")
+        assert reopen_log_files() >= 1  # the root logger may hold files of its own
+        access_logger.info("after")
+    finally:
+        for handler in access_logger.handlers:
+            handler.close()
+    assert (tmp_path / "access.log.1").read_text() == "before\n"
+    assert path.read_text() == "after\n"
+
+
+@pytest.mark.usefixtures("restore_loggers")
+def test_reopen_keeps_the_old_file_when_the_path_cannot_be_opened(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    path = directory / "access.log"
+    setup_logging(Config(access_logfile=str(path)))
+    moved = tmp_path / "moved.log"
+    try:
+        path.rename(moved)
+        directory.rmdir()  # nowhere to create the new file
+        error_logger.propagate = True  # to caplog; restore_loggers puts it back
+        with caplog.at_level(logging.ERROR, logger="asyncwsgi.error"):
+            reopen_log_files()
+        access_logger.info("still logged")
+    finally:
+        for handler in access_logger.handlers:
+            handler.close()
+    assert moved.read_text() == "still logged\n"
+    assert any("Cannot reopen log file" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.usefixtures("restore_loggers")

@@ -172,6 +172,28 @@ def test_sighup_reloads_without_failed_requests(workers: tuple[Proc, int]) -> No
     assert {int(_get(port).split()[0]) for _ in range(20)} <= after
 
 
+def test_sigusr1_reopens_the_access_log_in_every_process(app_dir: Path) -> None:
+    """logrotate's move-then-signal: lines before SIGUSR1 stay in the moved file, every line
+    after it goes to a new file at the configured path, from every worker."""
+    port = _free_port()
+    log = app_dir / "access.log"
+    args = ["pidapp:app", "--port", str(port), "-w", "2", "--access-logfile", str(log)]
+    proc = Proc(args, app_dir)
+    try:
+        proc.wait_for("Listening at", count=2)
+        for _ in range(4):
+            _get(port)
+        log.rename(app_dir / "access.log.1")
+        proc.proc.send_signal(signal.SIGUSR1)
+        proc.wait_for(r"Received SIGUSR1, reopening 1 log file", count=3)  # supervisor, workers
+        for _ in range(6):
+            _get(port)
+    finally:
+        assert proc.stop() == 0
+    assert len((app_dir / "access.log.1").read_text().splitlines()) == 4
+    assert len(log.read_text().splitlines()) == 6
+
+
 def test_max_requests_recycles_workers(app_dir: Path) -> None:
     port = _free_port()
     proc = Proc(
