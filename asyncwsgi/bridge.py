@@ -522,7 +522,7 @@ class RequestBody:
     # -- worker thread ------------------------------------------------------------------------
 
     def _line_end(self, limit: int) -> int:
-        """Bytes up to and including the first buffered ``\n``, or -1; looks at no more than
+        """Bytes up to and including the first buffered ``\\n``, or -1; looks at no more than
         ``limit`` bytes when ``limit`` >= 0. Lock held."""
         seen = 0
         start = self._offset
