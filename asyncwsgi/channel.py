@@ -469,11 +469,14 @@ class HTTPChannel(asyncio.Protocol):
                 status, reason, headers = head
                 cycle.status = status
                 cycle.response_headers = headers
-                if self.state.shutting_down:
-                    headers.append((b"Connection", b"close"))  # the last on this connection
                 out.append(
                     conn.send_response(
-                        status, reason, headers, self.state.date_header, nbytes if end else None
+                        status,
+                        reason,
+                        headers,
+                        self.state.date_header,
+                        nbytes if end else None,
+                        close=self.state.shutting_down,
                     )
                 )
             if len(chunks) > 1 and nbytes <= _MERGE_BELOW:
@@ -516,13 +519,18 @@ class HTTPChannel(asyncio.Protocol):
         status, reason, headers = head
         cycle.status = status
         cycle.response_headers = headers
-        if self.state.shutting_down:
-            headers.append((b"Connection", b"close"))
         try:
             transport = self.transport
             assert transport is not None
             transport.write(
-                conn.send_response(status, reason, headers, self.state.date_header, count)
+                conn.send_response(
+                    status,
+                    reason,
+                    headers,
+                    self.state.date_header,
+                    count,
+                    close=self.state.shutting_down,
+                )
             )
             left = conn.bytes_left
             count = min(count, left if left is not None else count)
@@ -687,14 +695,14 @@ class HTTPChannel(asyncio.Protocol):
         """Answer the request in flight with a short plain-text ``status``; then close."""
         reason = reason_phrase(status)
         body = b"%d %s\n" % (status, reason)
-        headers = [
-            (b"Content-Type", b"text/plain; charset=utf-8"),
-            (b"Connection", b"close"),
-            *extra,
-        ]
+        headers = [(b"Content-Type", b"text/plain; charset=utf-8"), *extra]
         conn = self.conn
         try:
-            out = [conn.send_response(status, reason, headers, self.state.date_header, len(body))]
+            out = [
+                conn.send_response(
+                    status, reason, headers, self.state.date_header, len(body), close=True
+                )
+            ]
             out.extend(conn.send_data(body))
             out.append(conn.send_end() or b"")
         except h11.LocalProtocolError:

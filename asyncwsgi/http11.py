@@ -332,6 +332,7 @@ class ServerConnection:
         headers: list[tuple[bytes, bytes]],
         date_header: tuple[bytes, bytes] | None,
         content_length: int | None = None,
+        close: bool = False,
     ) -> bytes:
         """Return the serialised response head.
 
@@ -342,11 +343,15 @@ class ServerConnection:
             date_header: the ``(b"date", ...)`` pair to add, or None.
             content_length: when the whole body is known, its size in bytes: added as
                 ``Content-Length`` unless the headers carry one.
+            close: this is the connection's last response: ``Connection: close`` is added
+                (RFC 9112 section 9.6), and h11 ends the connection after it.
 
         Raises:
             h11.LocalProtocolError: when h11 rejects the head (a header it considers invalid).
         """
         self._body_bytes = 0
+        if close:
+            headers.append((b"Connection", b"close"))
         if status in _NO_BODY_STATUS or 100 <= status < 200:
             self._body_allowed = False
         declared: int | None = None

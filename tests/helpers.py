@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import select
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +16,47 @@ import h11
 from asyncwsgi import Config, Server
 
 TIMEOUT = 10.0
+
+
+class ProcessOutput:
+    """What a subprocess writes to one pipe, read as it arrives, without blocking the test
+    longer than a deadline. Subclasses start the process and call ``__init__`` with the pipe.
+
+    Args:
+        fd: the read end of the subprocess's stderr (or merged stdout and stderr).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._data = b""
+        self._scanned = 0
+        self._eof = False
+
+    @property
+    def output(self) -> str:
+        """Everything the process wrote so far."""
+        return self._data.decode("utf-8", "replace")
+
+    @property
+    def raw_output(self) -> bytes:
+        return self._data
+
+    def _read(self, deadline: float) -> bool:
+        """Read what the pipe has, waiting until ``deadline``; False at EOF or timeout."""
+        if self._eof:
+            return False
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        ready, _, _ = select.select([self._fd], [], [], remaining)
+        if not ready:
+            return False
+        chunk = os.read(self._fd, 65536)
+        if not chunk:
+            self._eof = True
+            return False
+        self._data += chunk
+        return True
 
 
 @dataclass

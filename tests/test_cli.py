@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -28,6 +27,8 @@ import httpx
 import pytest
 
 import asyncwsgi
+
+from .helpers import ProcessOutput
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 5.0
@@ -95,7 +96,7 @@ def run_cli(*args: str, command: Sequence[str] | None = None) -> subprocess.Comp
     )
 
 
-class CLIServer:
+class CLIServer(ProcessOutput):
     """A serving ``asyncwsgi`` subprocess whose stderr is read as it arrives.
 
     Args:
@@ -126,36 +127,7 @@ class CLIServer:
             cwd="/",
         )
         assert self.proc.stderr is not None
-        self._fd = self.proc.stderr.fileno()
-        self._data = b""
-        self._scanned = 0
-        self._eof = False
-
-    @property
-    def output(self) -> str:
-        """Everything the process wrote to stderr so far."""
-        return self._data.decode("utf-8", "replace")
-
-    @property
-    def raw_output(self) -> bytes:
-        return self._data
-
-    def _read(self, deadline: float) -> bool:
-        """Read what stderr has, waiting until ``deadline``; False at EOF or timeout."""
-        if self._eof:
-            return False
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        ready, _, _ = select.select([self._fd], [], [], remaining)
-        if not ready:
-            return False
-        chunk = os.read(self._fd, 65536)
-        if not chunk:
-            self._eof = True
-            return False
-        self._data += chunk
-        return True
+        super().__init__(self.proc.stderr.fileno())
 
     def wait_for(self, pattern: str | re.Pattern[str], timeout: float = TIMEOUT) -> re.Match[str]:
         """Wait for a complete stderr line matching ``pattern``, after the previous match."""

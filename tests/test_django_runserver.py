@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import shutil
 import signal
 import socket
@@ -25,13 +24,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .helpers import ProcessOutput
+
 PROJECT = Path(__file__).resolve().parent / "djangoproject"
 TIMEOUT = 10.0
 BANNER = re.compile(r"^Starting asyncwsgi development server at http://([\d.]+):(\d+)/$")
 LISTENING = re.compile(r"Listening at: http://\S+ \(threads: (\d+)\)")
 
 
-class Runserver:
+class Runserver(ProcessOutput):
     """A ``manage.py runserver`` subprocess whose stdout and stderr are read as one stream.
 
     Args:
@@ -52,30 +53,7 @@ class Runserver:
             start_new_session=True,  # a process group, as a terminal's Ctrl-C reaches
         )
         assert self.proc.stdout is not None
-        self._fd = self.proc.stdout.fileno()
-        self._data = b""
-        self._scanned = 0
-        self._eof = False
-
-    @property
-    def output(self) -> str:
-        return self._data.decode("utf-8", "replace")
-
-    def _read(self, deadline: float) -> bool:
-        if self._eof:
-            return False
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        ready, _, _ = select.select([self._fd], [], [], remaining)
-        if not ready:
-            return False
-        chunk = os.read(self._fd, 65536)
-        if not chunk:
-            self._eof = True
-            return False
-        self._data += chunk
-        return True
+        super().__init__(self.proc.stdout.fileno())
 
     def wait_for(
         self, pattern: str | re.Pattern[str], timeout: float = TIMEOUT, *, anywhere: bool = False
