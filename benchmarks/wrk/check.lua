@@ -10,7 +10,7 @@
 -- With the environment variable CHECK_BODIES=0, response() is not defined: wrk 4.1 collects a
 -- body for response() in a buffer that grows 1 KiB at a time, which makes it the bottleneck
 -- for bodies of a megabyte or more. The harness then checks status codes with wrk's own
--- non-2xx/3xx counter and body sizes in aggregate from the bytes read (see bench_server.py).
+-- non-2xx/3xx counter and body sizes in aggregate from the bytes read (see harness/runner.py).
 
 local threads = {}
 
