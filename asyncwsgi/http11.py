@@ -10,6 +10,10 @@ h11 does all parsing and framing (RFC 9112). This module adds what a server need
 - strictness checks where h11 0.16 is lenient (:mod:`asyncwsgi.strict`), run on the raw bytes
   h11 holds (every request head, pipelined ones included, each chunk-size line and the trailer
   section) just before h11 parses them, so that an application never gets an ambiguous request;
+- valid requests h11 refuses are given to it in a form it takes, with the same meaning (empty
+  lines before a request line skipped, and what :mod:`asyncwsgi.strict` rewrites): a head by
+  giving a new h11 connection the rewritten bytes between requests, a chunk-size line by
+  rewriting it in place, at the same length, in h11's buffer;
 - after a rejection, nothing more: every later call raises the same :class:`RequestRejected`,
   so no pipelined request behind a bad one is ever parsed;
 - bytes after a request that ends the connection (HTTP/1.0, ``Connection: close``) are ignored
@@ -199,7 +203,9 @@ class ServerConnection:
             return events  # what follows a request that ends the connection is ignored (below)
         while True:
             if self._awaiting_head:
-                self._check_head()
+                if not self._check_head():
+                    return events
+                conn = self._conn  # a new one when the head was rewritten
             elif self._chunk_line_due:
                 self._check_chunk_line()
             elif self._trailers_due:
@@ -245,20 +251,58 @@ class ServerConnection:
             return self._conn._receive_buffer._data
         return self._conn.trailing_data[0]
 
-    def _check_head(self) -> None:
-        """Check the request head h11 holds, before h11 parses it or when it is incomplete."""
+    def _check_head(self) -> bool:
+        """Check the request head h11 holds, before h11 parses it or when it is incomplete.
+
+        Returns False when h11 must not look at the bytes yet (a CR whose LF has not come).
+        """
         buffered = self._unparsed()
         if not buffered:
-            return
-        if buffered[0] == 0x0D or buffered[0] == 0x0A:
-            # RFC 9112 section 2.2 says a server SHOULD skip such lines; h11 cannot, it refuses.
-            raise RequestRejected(400, "empty line before the request line")
+            return True
+        if buffered[0] == 0x0D:
+            # RFC 9112 section 2.2: a server SHOULD ignore at least one empty line (CRLF)
+            # received before the request line (some clients send one after a request body).
+            # h11 refuses it, so h11 is given what follows. A bare CR or LF stays refused.
+            skip = 0
+            while buffered[skip : skip + 2] == b"\r\n":
+                skip += 2
+            if not skip:
+                if len(buffered) > 1:
+                    raise RequestRejected(400, "bare CR before the request line")
+                return False  # the LF may follow; h11 would refuse the CR alone
+            self._replace_unparsed(buffered[skip:])
+            buffered = self._unparsed()
+            if not buffered:
+                return True
+            if buffered == b"\r":
+                return False
+        if buffered[0] == 0x0A:
+            raise RequestRejected(400, "bare LF before the request line")
         end = buffered.find(b"\r\n\r\n")
         if end < 0:
             strict.check_partial_head(buffered, self._config)
-            return
-        self._framing = strict.check_head(buffered[: end + 2], self._config)
+            return True
+        self._framing, rewritten = strict.check_head(buffered[: end + 2], self._config)
         self._awaiting_head = False
+        if rewritten is not None:
+            self._replace_unparsed(rewritten + buffered[end + 2 :])
+        return True
+
+    def _replace_unparsed(self, data: bytes | bytearray) -> None:
+        """Give a new h11 connection ``data`` instead of the bytes the current one holds.
+
+        Only between requests (h11 ``IDLE`` on both sides), where a new h11 connection is
+        equivalent to the current one; uses h11's public API only.
+        """
+        conn = self._conn
+        assert conn.our_state is h11.IDLE
+        assert conn.their_state is h11.IDLE
+        closed = conn.trailing_data[1]
+        conn = self._conn = self._new_h11()
+        if data:
+            conn.receive_data(bytes(data))
+        if closed:
+            conn.receive_data(b"")
 
     def _check_chunk_line(self) -> None:
         """Check the next chunk-size line h11 holds before h11 parses it."""
@@ -276,7 +320,14 @@ class ServerConnection:
         if end < 0:
             return  # h11 waits for the CRLF too
         self._chunk_line_due = False
-        if strict.check_chunk_line(buffered[footer:end]):
+        last, rewritten = strict.check_chunk_line(buffered[footer:end])
+        if rewritten is not None:
+            if not _PEEK_BUFFER:
+                # h11 will refuse the line (400); without access to its buffer, let it.
+                return
+            # Same length, no CR or LF: h11's buffer positions stay valid.
+            self._conn._receive_buffer._data[footer:end] = rewritten
+        if last:
             self._trailers_due = True
             self._check_trailer_section(end + 2)
 

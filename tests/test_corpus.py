@@ -497,7 +497,9 @@ def check(outcome: Outcome, statuses: list[int], records: list[Record]) -> None:
         path, query = path_and_query(want["target"])
         assert (environ["PATH_INFO"], environ["QUERY_STRING"]) == (path, query)
         assert environ["SERVER_PROTOCOL"] == "HTTP/{}.{}".format(*want["version"])
-        assert environ["wsgi.url_scheme"] == "http"
+        # RFC 9112 section 3.3: an absolute-form target is the target URI, scheme included.
+        scheme = "https" if want["target"].startswith("https://") else "http"
+        assert environ["wsgi.url_scheme"] == scheme
         assert record.headers == environ_fields(want["headers"])
         body = base64.b64decode(want["body_b64"])
         if outcome.incomplete:
