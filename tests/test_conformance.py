@@ -7,12 +7,16 @@ with the ambiguous neighbours that stay refused, is in tests/test_strict.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .apps import environ_app
-from .helpers import decode_replies, exchange, running
+from .apps import environ_app, hello, stream
+from .helpers import TIMEOUT, decode_replies, exchange, require_program, running
 
 CLOSE = b"Connection: close\r\n"
 
@@ -110,3 +114,80 @@ async def test_leading_zeros_in_lengths_are_accepted() -> None:
         count=2,
     )
     assert [(e["PATH_INFO"], e["body"]) for e in environs] == [("/cl", "hello"), ("/te", "hello")]
+
+
+# -- HTTP/1.0 keep-alive (RFC 9112 appendix C.2.2) ----------------------------------------------
+
+KEEP_ALIVE_10 = b"GET /%d HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+
+
+async def test_http10_keep_alive_requests_share_one_connection() -> None:
+    """Each request is answered with ``Connection: keep-alive`` on the same connection, sent
+    one at a time and pipelined; the server closes only after a request without keep-alive."""
+    async with running(hello) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        try:
+            for number in range(3):  # one at a time: each answer comes on the open connection
+                writer.write(KEEP_ALIVE_10 % number)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+                assert b"\r\nConnection: keep-alive\r\n" in head
+                assert await asyncio.wait_for(reader.readexactly(13), TIMEOUT) == b"Hello, world!"
+            # Pipelined, in one write, with a closing request last.
+            writer.write(b"".join(KEEP_ALIVE_10 % n for n in range(5)) + b"GET / HTTP/1.0\r\n\r\n")
+            data = await asyncio.wait_for(reader.read(-1), TIMEOUT)
+        finally:
+            writer.close()
+    replies = decode_replies(data.replace(b"Connection: keep-alive", b"X-Was: keep-alive"))
+    assert [reply.body for reply in replies] == [b"Hello, world!"] * 6
+    assert data.count(b"Connection: keep-alive\r\n") == 5
+    assert data.count(b"Connection: close\r\n") == 1
+
+
+async def test_http10_keep_alive_without_known_length_closes() -> None:
+    """A streamed response of unknown length is close-delimited on HTTP/1.0: the connection
+    closes after it, and the pipelined request behind it is not answered."""
+    async with running(stream) as srv:
+        data = await exchange(srv.port, b"GET /?2 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n" * 2)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"\r\nConnection: close" in head
+    assert b"content-length" not in head.lower()
+    assert body == b"A" * 1024 + b"B" * 1024  # one response only
+
+
+async def test_ab_keep_alive() -> None:
+    """ApacheBench with ``-k`` (HTTP/1.0 keep-alive): no failure, every request kept alive."""
+    ab = require_program("ab")
+    async with running(hello, threads=4) as srv:
+        process = await asyncio.create_subprocess_exec(
+            ab,
+            "-k",
+            "-n",
+            "2000",
+            "-c",
+            "20",
+            f"{srv.url}/",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await asyncio.wait_for(process.communicate(), 120)
+    text = output.decode("utf-8", "replace")
+    assert process.returncode == 0, text
+    assert re.search(r"^Complete requests:\s+2000$", text, re.M), text
+    assert re.search(r"^Failed requests:\s+0$", text, re.M), text
+    assert re.search(r"^Keep-Alive requests:\s+2000$", text, re.M), text
+
+
+async def test_http10_keep_alive_file_response(tmp_path: Path) -> None:
+    """A file response (sendfile) has a known length: the connection stays open after it."""
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"f" * 100_000)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return environ["wsgi.file_wrapper"](path.open("rb"))
+
+    async with running(app) as srv:
+        data = await exchange(srv.port, KEEP_ALIVE_10 % 1 * 2 + b"GET / HTTP/1.0\r\n\r\n")
+    replies = decode_replies(data.replace(b"Connection: keep-alive", b"X-Was: keep-alive"))
+    assert [len(reply.body) for reply in replies] == [100_000] * 3
+    assert data.count(b"Connection: keep-alive\r\n") == 2
