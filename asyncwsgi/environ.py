@@ -16,6 +16,7 @@ from urllib.parse import unquote_to_bytes
 import h11
 
 from .filewrapper import FileWrapper
+from .strict import absolute_form_authority, absolute_form_path
 
 if TYPE_CHECKING:
     from ._types import WSGIEnvironment
@@ -102,19 +103,21 @@ def build_environ(base: dict[str, Any], request: h11.Request, body: object) -> W
 
     PATH_INFO is the percent-decoded path as a latin-1 native string (PEP 3333 "Unicode
     Issues"), with SCRIPT_NAME removed from its front; repeated header fields are joined with
-    ``,`` (``; `` for Cookie, RFC 6265 section 5.4).
+    ``,`` (``; `` for Cookie, RFC 6265 section 5.4). For an absolute-form target, HTTP_HOST is
+    its authority, whatever the Host field says, and ``wsgi.url_scheme`` its scheme (RFC 9112
+    sections 3.2.2 and 3.3); SERVER_NAME and SERVER_PORT stay those of the listening socket, as
+    with origin-form. Trusted forwarded headers (asyncwsgi.proxy) are applied after this.
     """
     environ = base.copy()
     target = request.target
-    if target[:1] != b"/":
-        if target == b"*":
-            target = b"*"
-        else:  # absolute-form: http://host[:port]/path?query (RFC 9112 section 3.2.2)
-            start = target.find(b"//") + 2
-            mark = target.find(b"?", start)
-            end = mark if mark >= 0 else len(target)
-            slash = target.find(b"/", start, end)
-            target = target[slash:] if slash >= 0 else b"/" + target[end:]
+    authority: bytes | None = None
+    if target[:1] != b"/" and target != b"*":
+        # absolute-form: http(s)://host[:port]/path?query. RFC 9112 section 3.2.2: the server
+        # MUST use the target's authority and ignore the Host field; section 3.3: the target
+        # URI, its scheme included, is the request-target.
+        authority = absolute_form_authority(target)
+        environ["wsgi.url_scheme"] = "https" if target[4:5].lower() == b"s" else "http"
+        target = absolute_form_path(target)
     path, _, query = target.partition(b"?")
     path_info = unquote_to_bytes(path).decode("latin-1") if b"%" in path else path.decode("latin-1")
     script_name = environ["SCRIPT_NAME"]
@@ -136,6 +139,8 @@ def build_environ(base: dict[str, Any], request: h11.Request, body: object) -> W
         if key in environ:
             text = environ[key] + ("; " if key == "HTTP_COOKIE" else ",") + text
         environ[key] = text
+    if authority is not None:
+        environ["HTTP_HOST"] = authority.decode("latin-1")
     return environ
 
 

@@ -10,10 +10,17 @@ h11 does all parsing and framing (RFC 9112). This module adds what a server need
 - strictness checks where h11 0.16 is lenient (:mod:`asyncwsgi.strict`), run on the raw bytes
   h11 holds (every request head, pipelined ones included, each chunk-size line and the trailer
   section) just before h11 parses them, so that an application never gets an ambiguous request;
+- valid requests h11 refuses are given to it in a form it takes, with the same meaning (empty
+  lines before a request line skipped, and what :mod:`asyncwsgi.strict` rewrites): a head by
+  giving a new h11 connection the rewritten bytes between requests, a chunk-size line by
+  rewriting it in place, at the same length, in h11's buffer;
 - after a rejection, nothing more: every later call raises the same :class:`RequestRejected`,
   so no pipelined request behind a bad one is ever parsed;
 - bytes after a request that ends the connection (HTTP/1.0, ``Connection: close``) are ignored
   rather than refused, so that such a request is still answered;
+- HTTP/1.0 keep-alive, which h11 does not do: an HTTP/1.0 request with ``Connection:
+  keep-alive`` whose response has a known length gets ``Connection: keep-alive``, and its next
+  request goes to a new h11 connection with the bytes the old one had not parsed;
 - request limits with gunicorn's names (414, 431, 413);
 - ``Date`` and ``Server`` headers, and dropping body bytes of HEAD, 204 and 304 responses
   (h11 frames those as ``Content-Length: 0`` and would raise on body data);
@@ -64,6 +71,18 @@ _TRUSTED_HEADERS: Final = "_parsed" in inspect.signature(h11.Response.__init__).
 
 _REASONS: dict[int, bytes] = {}
 
+_CLOSE_END: Final = b"\r\nConnection: close\r\n\r\n"
+_KEEP_ALIVE_END: Final = b"\r\nConnection: keep-alive\r\n\r\n"
+
+
+def _asks_keep_alive(request: h11.Request) -> bool:
+    """Whether the request's Connection field has ``keep-alive`` and not ``close``."""
+    tokens: set[bytes] = set()
+    for name, value in request.headers:
+        if name == b"connection":
+            tokens.update(token.strip(b" \t").lower() for token in value.split(b","))
+    return b"keep-alive" in tokens and b"close" not in tokens
+
 
 def reason_phrase(status: int) -> bytes:
     """Return the standard reason phrase for ``status`` (RFC 9110 section 15), or ``b""``."""
@@ -99,9 +118,11 @@ class ServerConnection:
         "_conn",
         "_footer_left",
         "_framing",
+        "_http10_keep_alive",
         "_max_body",
         "_rejected",
         "_request_body_bytes",
+        "_reuse",
         "_server_header",
         "_trailers_due",
         "bytes_discarded",
@@ -125,6 +146,11 @@ class ServerConnection:
         self._body_bytes = 0
         self._max_body = config.limit_request_body
         self._request_body_bytes = 0
+        # An HTTP/1.0 request with "Connection: keep-alive", and whether its response (of known
+        # length) keeps the connection: h11 closes every HTTP/1.0 connection, so the next
+        # request goes to a new h11 connection (see start_next_cycle).
+        self._http10_keep_alive = False
+        self._reuse = False
         #: Response body bytes dropped because they went past the declared Content-Length.
         self.bytes_discarded = 0
 
@@ -196,10 +222,16 @@ class ServerConnection:
         events: list[ReceivedEvent] = []
         conn = self._conn
         if conn.their_state is h11.MUST_CLOSE:
-            return events  # what follows a request that ends the connection is ignored (below)
+            # What follows a request that ends the connection is ignored (below), unless an
+            # HTTP/1.0 keep-alive response may keep it: then it waits for the next cycle.
+            if self._http10_keep_alive and self._unparsed():
+                events.append(h11.PAUSED)
+            return events
         while True:
             if self._awaiting_head:
-                self._check_head()
+                if not self._check_head():
+                    return events
+                conn = self._conn  # a new one when the head was rewritten
             elif self._chunk_line_due:
                 self._check_chunk_line()
             elif self._trailers_due:
@@ -232,7 +264,10 @@ class ServerConnection:
                 if conn.their_state is h11.MUST_CLOSE:
                     # The connection ends with this request. h11 would refuse any byte after
                     # it ("Got data when expecting EOF") before we could answer it; RFC 9112
-                    # section 9.6 lets a server that closes ignore what follows.
+                    # section 9.6 lets a server that closes ignore what follows. After an
+                    # HTTP/1.0 keep-alive request, what follows waits (reading pauses).
+                    if self._http10_keep_alive and self._unparsed():
+                        events.append(h11.PAUSED)
                     return events
                 continue
             events.append(event)  # type: ignore[arg-type]
@@ -245,20 +280,57 @@ class ServerConnection:
             return self._conn._receive_buffer._data
         return self._conn.trailing_data[0]
 
-    def _check_head(self) -> None:
-        """Check the request head h11 holds, before h11 parses it or when it is incomplete."""
+    def _check_head(self) -> bool:
+        """Check the request head h11 holds, before h11 parses it or when it is incomplete.
+
+        Returns False when h11 must not look at the bytes yet (a CR whose LF has not come).
+        """
         buffered = self._unparsed()
         if not buffered:
-            return
-        if buffered[0] == 0x0D or buffered[0] == 0x0A:
-            # RFC 9112 section 2.2 says a server SHOULD skip such lines; h11 cannot, it refuses.
-            raise RequestRejected(400, "empty line before the request line")
+            return True
+        if buffered[0] == 0x0D:
+            # RFC 9112 section 2.2: a server SHOULD ignore at least one empty line (CRLF)
+            # received before the request line (some clients send one after a request body).
+            # h11 refuses it, so h11 is given what follows. A bare CR or LF stays refused.
+            skip = 0
+            while buffered[skip : skip + 2] == b"\r\n":
+                skip += 2
+            if not skip:
+                if len(buffered) > 1:
+                    raise RequestRejected(400, "bare CR before the request line")
+                return False  # the LF may follow; h11 would refuse the CR alone
+            self._replace_unparsed(buffered[skip:])
+            buffered = self._unparsed()
+            if not buffered:
+                return True
+            if buffered == b"\r":
+                return False
+        if buffered[0] == 0x0A:
+            raise RequestRejected(400, "bare LF before the request line")
         end = buffered.find(b"\r\n\r\n")
         if end < 0:
             strict.check_partial_head(buffered, self._config)
-            return
-        self._framing = strict.check_head(buffered[: end + 2], self._config)
+            return True
+        self._framing, rewritten = strict.check_head(buffered[: end + 2], self._config)
         self._awaiting_head = False
+        if rewritten is not None:
+            self._replace_unparsed(rewritten + buffered[end + 2 :])
+        return True
+
+    def _replace_unparsed(self, data: bytes | bytearray) -> None:
+        """Give a new h11 connection ``data`` instead of the bytes the current one holds.
+
+        Only between requests (h11 ``IDLE`` on both sides, or an HTTP/1.0 keep-alive cycle
+        complete on both), where a new h11 connection is equivalent to the current one; uses
+        h11's public API only.
+        """
+        conn = self._conn
+        closed = conn.trailing_data[1]
+        conn = self._conn = self._new_h11()
+        if data:
+            conn.receive_data(bytes(data))
+        if closed:
+            conn.receive_data(b"")
 
     def _check_chunk_line(self) -> None:
         """Check the next chunk-size line h11 holds before h11 parses it."""
@@ -276,7 +348,14 @@ class ServerConnection:
         if end < 0:
             return  # h11 waits for the CRLF too
         self._chunk_line_due = False
-        if strict.check_chunk_line(buffered[footer:end]):
+        last, rewritten = strict.check_chunk_line(buffered[footer:end])
+        if rewritten is not None:
+            if not _PEEK_BUFFER:
+                # h11 will refuse the line (400); without access to its buffer, let it.
+                return
+            # Same length, no CR or LF: h11's buffer positions stay valid.
+            self._conn._receive_buffer._data[footer:end] = rewritten
+        if last:
             self._trailers_due = True
             self._check_trailer_section(end + 2)
 
@@ -304,6 +383,7 @@ class ServerConnection:
             if framing is not None and framing > self._max_body:
                 raise RequestRejected(413, "request body too large")
         self._body_allowed = request.method != b"HEAD"
+        self._http10_keep_alive = request.http_version == b"1.0" and _asks_keep_alive(request)
 
     @property
     def they_are_waiting_for_100_continue(self) -> bool:
@@ -346,10 +426,16 @@ class ServerConnection:
             close: this is the connection's last response: ``Connection: close`` is added
                 (RFC 9112 section 9.6), and h11 ends the connection after it.
 
+        An HTTP/1.0 request with ``Connection: keep-alive`` whose response has a known length
+        (a Content-Length, or no body: HEAD, 204, 304) and is not ``close`` gets
+        ``Connection: keep-alive``, and the connection stays open (RFC 9112 appendix C.2.2,
+        as gunicorn and waitress do); otherwise h11's ``Connection: close`` stands.
+
         Raises:
             h11.LocalProtocolError: when h11 rejects the head (a header it considers invalid).
         """
         self._body_bytes = 0
+        self._reuse = False
         if close:
             headers.append((b"Connection", b"close"))
         if status in _NO_BODY_STATUS or 100 <= status < 200:
@@ -391,6 +477,16 @@ class ServerConnection:
             response = h11.Response(status_code=status, reason=reason, headers=headers)
         data = self._conn.send(response)
         assert data is not None
+        if (
+            self._http10_keep_alive
+            and not close
+            and (declared is not None or not self._body_allowed)
+            and data.endswith(_CLOSE_END)
+        ):
+            # h11 ends the head with the Connection field it set (for an HTTP/1.0 peer, always
+            # "close"); the framing it chose does not depend on it.
+            data = data[: -len(_CLOSE_END)] + _KEEP_ALIVE_END
+            self._reuse = True
         return data
 
     def send_data(self, data: bytes) -> Sequence[bytes]:
@@ -464,11 +560,24 @@ class ServerConnection:
     @property
     def keep_alive(self) -> bool:
         """Whether the connection can carry another request after this response."""
-        return self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
+        ours = self._conn.our_state
+        theirs = self._conn.their_state
+        if self._reuse:
+            # h11 ends an HTTP/1.0 cycle in MUST_CLOSE; both messages are complete there.
+            return ours is h11.MUST_CLOSE and theirs is h11.MUST_CLOSE
+        return ours is h11.DONE and theirs is h11.DONE
 
     def start_next_cycle(self) -> None:
-        """Reset for the next request on a keep-alive connection (h11's ``start_next_cycle``)."""
-        self._conn.start_next_cycle()
+        """Reset for the next request on a keep-alive connection (h11's ``start_next_cycle``).
+
+        After an HTTP/1.0 keep-alive cycle, which h11 cannot restart, a new h11 connection gets
+        the bytes the old one has not parsed (its public ``trailing_data``).
+        """
+        if self._reuse:
+            self._replace_unparsed(self._conn.trailing_data[0])
+            self._reuse = self._http10_keep_alive = False
+        else:
+            self._conn.start_next_cycle()
         self._awaiting_head = True
         self._framing = None
         self._chunk_line_due = self._trailers_due = False

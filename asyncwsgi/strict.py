@@ -14,6 +14,14 @@ a chunk size that does not start with a hex digit or is followed by anything but
 CRLF, a chunk not followed by CRLF (h11 0.16 fixed CVE-2025-43859), a missing or repeated Host
 in HTTP/1.1.
 
+What h11 refuses although it is valid, and these checks give h11 in a form it takes, with the
+same meaning (:func:`check_head` and :func:`check_chunk_line` return the rewritten bytes):
+``HTTP/1.2`` to ``HTTP/1.9`` (RFC 9110 section 2.5: served as HTTP/1.1), empty elements in
+Transfer-Encoding (RFC 9110 section 5.6.1), more than 20 digits in a Content-Length or chunk
+size when leading zeros make up the excess, and BWS before a chunk extension's ``;`` (RFC 9112
+section 7.1.1). Empty lines before a request line (RFC 9112 section 2.2) are skipped by
+:class:`asyncwsgi.http11.ServerConnection`.
+
 What h11 lets through, and these checks refuse:
 
 - on the raw head (:func:`check_head`, :func:`check_partial_head`): bare LF line endings (h11
@@ -24,7 +32,8 @@ What h11 lets through, and these checks refuse:
   Content-Length, Transfer-Encoding in HTTP/1.0; a second Content-Type; a Host value that is not
   ``uri-host [":" port]``; and the request-line, field-count, field-size and head-size limits;
 - on the parsed request line (:func:`check_request`): CONNECT, versions other than 1.0 and 1.1,
-  target forms the method does not allow, a fragment in the target;
+  target forms the method does not allow, a fragment in the target, an absolute-form target
+  whose authority is empty or not ``uri-host [":" port]``;
 - on each raw chunk-size line (:func:`check_chunk_line`): anything but ``1*HEXDIG`` followed by
   well-formed chunk extensions (h11 takes ``;.*``, bare CR and control bytes included, and
   trailing whitespace);
@@ -52,13 +61,20 @@ __all__ = [
     "check_chunk_line",
     "check_trailer_section",
     "check_trailers",
+    "absolute_form_authority",
+    "absolute_form_path",
 ]
 
 #: What :func:`check_head` returns for a request whose body is chunked.
 CHUNKED: Final = -1
 
 _DIGITS = frozenset(b"0123456789")
-_MAX_LENGTH_DIGITS = 20  # h11's limit too: up to 10**20 - 1 bytes
+# h11's limit for a Content-Length and a chunk size: 20 digits, leading zeros included. Longer
+# values are given to h11 without their leading zeros; bigger ones are refused.
+_MAX_LENGTH_DIGITS = 20
+
+# A request line ending in HTTP/1.2 to HTTP/1.9 (h11 takes one digit on each side of the dot).
+_MINOR_VERSION_ABOVE_1 = re.compile(rb" HTTP/1\.[2-9]\Z")
 
 # Every control character but HTAB. In a head or trailer section, the only ones allowed are the
 # CR and LF of each CRLF: RFC 9112 section 2.2 (no bare CR or LF), RFC 9110 section 5.5 (no
@@ -81,6 +97,9 @@ _CHUNK_LINE = re.compile(
 _HOST = re.compile(
     rb"(?:\[[0-9A-Za-z:.!$&'()*+,;=_~%-]+\]|[0-9A-Za-z.!$&'()*+,;=_~%-]*)(?::[0-9]*)?"
 )
+
+# RFC 3986 section 3.2.1: userinfo = *( unreserved / pct-encoded / sub-delims / ":" ).
+_USERINFO = re.compile(rb"[-0-9A-Za-z._~%!$&'()*+,;=:]*")
 
 # RFC 9110 section 6.5.1: fields a sender must not put in trailers because they frame,
 # route or authenticate the message, or alter how its content is processed.
@@ -153,7 +172,7 @@ def _check_controls(lines: bytes | bytearray, where: str) -> int:
     return crlf
 
 
-def check_head(head: bytes | bytearray, config: Config) -> int | None:
+def check_head(head: bytes | bytearray, config: Config) -> tuple[int | None, bytes | None]:
     """Check a complete raw request head, request line included, before h11 parses it.
 
     Args:
@@ -163,8 +182,13 @@ def check_head(head: bytes | bytearray, config: Config) -> int | None:
             gunicorn counts it.
 
     Returns:
-        The body framing the head declares: the Content-Length, :data:`CHUNKED`, or None when
-        it declares neither.
+        ``(framing, rewritten)``: the body framing the head declares (the Content-Length,
+        :data:`CHUNKED`, or None when it declares neither), and the same head in the form h11
+        parses when h11 would refuse a valid one (else None): ``HTTP/1.x`` with x above 1 as
+        ``HTTP/1.1`` (RFC 9110 section 2.5), a Content-Length of more than 20 digits without its
+        leading zeros, and Transfer-Encoding fields whose elements are ``chunked`` and empty
+        ones as one ``Transfer-Encoding: chunked`` (RFC 9110 section 5.6.1: empty list elements
+        are ignored). The rewritten head has the same meaning; h11 is given it instead.
 
     Raises:
         RequestRejected: 400 for a bare CR or LF (RFC 9112 section 2.2), obs-fold (section 5.2),
@@ -176,7 +200,7 @@ def check_head(head: bytes | bytearray, config: Config) -> int | None:
             ``chunked`` (section 6.1); 414 and 431 for the limits.
     """
     _check_controls(head, "request head")
-    lines = head.split(b"\r\n")
+    lines: list[bytes | bytearray] = list(head.split(b"\r\n"))
     lines.pop()  # the empty string after the final CRLF
     if len(lines[0]) > config.max_request_line:
         raise RequestRejected(414, "request line too long")
@@ -187,8 +211,16 @@ def check_head(head: bytes | bytearray, config: Config) -> int | None:
     max_field = config.max_field_size - 2  # the CRLF counts
     content_length: bytes | bytearray | None = None
     codings: list[bytes | bytearray] | None = None
-    hosts = content_types = 0
-    for line in lines[1:]:
+    hosts = content_types = te_lines = 0
+    rewrite = False
+    request_line = lines[0]
+    if _MINOR_VERSION_ABOVE_1.search(request_line) is not None:
+        # RFC 9110 section 2.5: processed as the highest 1.x this server implements.
+        lines[0] = request_line = request_line[:-1] + b"1"
+        rewrite = True
+    for index, line in enumerate(lines):
+        if not index:
+            continue
         if len(line) > max_field:
             raise RequestRejected(431, "request header field too large")
         first = line[:1]
@@ -203,16 +235,27 @@ def check_head(head: bytes | bytearray, config: Config) -> int | None:
             if content_length is not None:
                 raise RequestRejected(400, "more than one Content-Length")
             content_length = value.strip(b" \t")
-            if (
-                not content_length
-                or len(content_length) > _MAX_LENGTH_DIGITS
-                or not _DIGITS.issuperset(content_length)
-            ):
+            if not content_length or not _DIGITS.issuperset(content_length):
                 raise RequestRejected(400, "malformed Content-Length")
+            if len(content_length) > _MAX_LENGTH_DIGITS:
+                # h11 takes at most 20 digits; leading zeros do not count.
+                content_length = content_length.lstrip(b"0") or b"0"
+                if len(content_length) > _MAX_LENGTH_DIGITS:
+                    raise RequestRejected(400, "Content-Length too large")
+                lines[index] = b"Content-Length: " + content_length
+                rewrite = True
         elif name == b"transfer-encoding":
             if codings is None:
                 codings = []
-            codings.extend(coding.strip(b" \t").lower() for coding in value.split(b","))
+            te_lines += 1
+            for coding in value.split(b","):
+                coding = coding.strip(b" \t").lower()
+                if coding:
+                    codings.append(coding)
+                else:
+                    rewrite = True  # an empty list element
+            if te_lines > 1:
+                rewrite = True
         elif name == b"host":
             hosts += 1
             if _HOST.fullmatch(value.strip(b" \t")) is None:
@@ -223,10 +266,21 @@ def check_head(head: bytes | bytearray, config: Config) -> int | None:
         raise RequestRejected(400, "more than one Host")
     if content_types > 1:
         raise RequestRejected(400, "more than one Content-Type")
+    framing: int | None
     if codings is not None:
-        _check_transfer_encoding(codings, content_length is not None, lines[0])
-        return CHUNKED
-    return None if content_length is None else int(content_length)
+        _check_transfer_encoding(codings, content_length is not None, request_line)
+        framing = CHUNKED
+        if rewrite:
+            # h11 takes one Transfer-Encoding field whose value is ``chunked``.
+            fields = [line for line in lines if line[:18].lower() != b"transfer-encoding:"]
+            fields.insert(1, b"Transfer-Encoding: chunked")
+            lines = fields
+    else:
+        framing = None if content_length is None else int(content_length)
+    if not rewrite:
+        return framing, None
+    lines.append(b"")
+    return framing, b"\r\n".join(lines)
 
 
 def _check_transfer_encoding(
@@ -239,6 +293,8 @@ def _check_transfer_encoding(
     if request_line.endswith(b" HTTP/1.0"):
         # Section 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
         raise RequestRejected(400, "Transfer-Encoding in an HTTP/1.0 request")
+    if not codings:
+        raise RequestRejected(400, "Transfer-Encoding without a transfer coding")
     if codings.count(b"chunked") > 1:
         raise RequestRejected(400, "chunked transfer coding applied more than once")
     if codings[-1] != b"chunked":
@@ -274,25 +330,78 @@ def check_request(request: h11.Request) -> None:
         return
     lowered = target[:8].lower()
     if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
+        start = target.find(b"//") + 2
+        raw = target[start : start + _authority_end(target, start)]
+        userinfo, _, authority = raw.rpartition(b"@")
+        # RFC 9110 section 4.2.1: an http(s) URI with an empty host is invalid; host[:port] must
+        # read as a Host value would (RFC 9112 section 3.2), and userinfo (deprecated, section
+        # 4.2.4, and never used here) as RFC 3986 section 3.2.1 has it.
+        if (
+            authority[:1] in (b"", b":")
+            or _HOST.fullmatch(authority) is None
+            or _USERINFO.fullmatch(userinfo) is None
+        ):
+            raise RequestRejected(400, "invalid authority in request target")
         return
     raise RequestRejected(400, "invalid request target")
 
 
-def check_chunk_line(line: bytes | bytearray) -> bool:
+def absolute_form_authority(target: bytes) -> bytes:
+    """Return ``host[:port]`` of an absolute-form ``http://`` or ``https://`` request-target
+    (RFC 9112 section 3.2.2): the authority, without any userinfo, which
+    :func:`check_request` has validated."""
+    start = target.find(b"//") + 2
+    end = start + _authority_end(target, start)
+    at = target.rfind(b"@", start, end)
+    return target[at + 1 if at >= 0 else start : end]
+
+
+def absolute_form_path(target: bytes) -> bytes:
+    """Return the ``path[?query]`` of an absolute-form request-target, ``/`` for an empty path
+    (RFC 9112 section 3.3)."""
+    start = target.find(b"//") + 2
+    rest = target[start + _authority_end(target, start) :]
+    return rest if rest[:1] == b"/" else b"/" + rest
+
+
+def _authority_end(target: bytes, start: int) -> int:
+    """The length of the authority that starts at ``start``: up to ``/``, ``?`` or the end."""
+    end = len(target)
+    for mark in (b"/", b"?"):
+        found = target.find(mark, start, end)
+        if found >= 0:
+            end = found
+    return end - start
+
+
+def check_chunk_line(line: bytes | bytearray) -> tuple[bool, bytes | None]:
     """Check one chunk-size line, without its CRLF, before h11 parses it.
 
     Returns:
-        True for the last chunk (size 0), after which the trailer section follows.
+        ``(last, rewritten)``: whether this is the last chunk (size 0), after which the trailer
+        section follows; and, when h11 would refuse this valid line, a line of the same length
+        that h11 takes with the same size (else None): the size without its leading zeros,
+        padded with spaces (OWS, which h11 allows before the CRLF). h11 takes at most 20 hex
+        digits and no BWS before a ``;`` (RFC 9112 section 7.1.1 allows it); it ignores chunk
+        extensions, so dropping them changes nothing.
 
     Raises:
         RequestRejected: 400 for anything but ``1*HEXDIG`` followed by well-formed chunk
             extensions (RFC 9112 section 7.1): a sign, ``0x``, ``_``, whitespace around the
-            size, a bare CR or another control character, a malformed extension.
+            size, a bare CR or another control character, a malformed extension; and for a
+            size over 20 hex digits without its leading zeros.
     """
     match = _CHUNK_LINE.fullmatch(line)
     if match is None:
         raise RequestRejected(400, "malformed chunk size line")
-    return not match.group(1).strip(b"0")
+    size = match.group(1)
+    end = match.end(1)
+    if len(size) <= _MAX_LENGTH_DIGITS and line[end : end + 1] not in (b" ", b"\t"):
+        return not size.strip(b"0"), None
+    size = size.lstrip(b"0")
+    if len(size) > _MAX_LENGTH_DIGITS:
+        raise RequestRejected(400, "chunk size too large")
+    return not size, bytes(size or b"0").ljust(len(line))
 
 
 def check_partial_trailers(buffered: bytes | bytearray, start: int) -> None:

@@ -444,6 +444,76 @@ def test_http10_with_known_length_still_closes() -> None:
     assert not conn.keep_alive
 
 
+KEEP_ALIVE_10 = b"GET /k HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"
+
+
+def test_http10_keep_alive_with_known_length_stays_open() -> None:
+    """RFC 9112 appendix C.2.2: an HTTP/1.0 request with ``Connection: keep-alive`` whose
+    response has a known length is answered with ``Connection: keep-alive``, and the pipelined
+    requests behind it, which wait (PAUSED) meanwhile, get the following cycles."""
+    conn = server()
+    events = conn.receive_data(KEEP_ALIVE_10 + KEEP_ALIVE_10 + b"HEAD /h HTTP/1.0\r\n\r\n")
+    assert events[-1] is PAUSED
+    for target in (b"/k", b"/k"):
+        assert first_request(events).target == target
+        head = conn.send_response(200, b"OK", [], DATE, 2)
+        assert header_values(h11_headers(head), b"connection") == [b"keep-alive"]
+        assert header_values(h11_headers(head), b"content-length") == [b"2"]
+        assert join(conn.send_data(b"ok")) == b"ok"
+        assert conn.send_end() == b""
+        assert conn.keep_alive
+        conn.start_next_cycle()
+        events = conn.next_events()
+    # The last one does not ask for keep-alive: it closes as before.
+    assert first_request(events).target == b"/h"
+    head = conn.send_response(200, b"OK", [], DATE, None)
+    assert header_values(h11_headers(head), b"connection") == [b"close"]
+    conn.send_end()
+    assert not conn.keep_alive
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "length", "keep"),
+    [
+        pytest.param("GET", 200, None, False, id="unknown-length"),
+        pytest.param("HEAD", 200, None, True, id="head"),
+        pytest.param("GET", 204, None, True, id="204"),
+        pytest.param("GET", 200, 0, True, id="empty"),
+    ],
+)
+def test_http10_keep_alive_needs_a_known_length(
+    method: str, status: int, length: int | None, keep: bool
+) -> None:
+    """Without a known length the body is close-delimited (RFC 9112 section 6.3): the
+    connection closes and what follows is ignored, as for any HTTP/1.0 request."""
+    conn = server()
+    conn.receive_data(KEEP_ALIVE_10.replace(b"GET", method.encode()) + KEEP_ALIVE_10)
+    head = conn.send_response(status, b"X", [], DATE, length)
+    connection = header_values(h11_headers(head), b"connection")
+    assert connection == ([b"keep-alive"] if keep else [b"close"])
+    if not keep:
+        assert join(conn.send_data(b"streamed")) == b"streamed"
+    assert conn.send_end() == b""
+    assert conn.keep_alive is keep
+
+
+def test_http10_keep_alive_is_not_kept_when_closing() -> None:
+    conn = server()
+    conn.receive_data(KEEP_ALIVE_10)
+    head = conn.send_response(200, b"OK", [], DATE, 2, close=True)
+    assert header_values(h11_headers(head), b"connection") == [b"close"]
+    conn.send_data(b"ok")
+    conn.send_end()
+    assert not conn.keep_alive
+
+
+def test_http10_keep_alive_with_close_token_closes() -> None:
+    conn = server()
+    conn.receive_data(b"GET / HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n")
+    head = conn.send_response(200, b"OK", [], DATE, 2)
+    assert header_values(h11_headers(head), b"connection") == [b"close"]
+
+
 def test_date_and_server_headers() -> None:
     client = h11.Connection(h11.CLIENT)
     conn = server()

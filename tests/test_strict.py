@@ -171,7 +171,8 @@ def test_waitress_cve_2019_16785_bare_lf_line_endings(pieces: tuple[bytes, ...])
         pytest.param(b"identity", 400, id="identity"),
         pytest.param(b"gzip", 400, id="gzip"),
         pytest.param(b"", 400, id="empty"),
-        pytest.param(b"chunked,", 400, id="empty-member"),
+        pytest.param(b", ,", 400, id="empty-members-only"),
+        pytest.param(b",gzip, chunked", 501, id="empty-member-gzip-chunked"),
     ],
 )
 def test_waitress_cve_2019_16786_invalid_transfer_encoding(coding: bytes, status: int) -> None:
@@ -269,7 +270,8 @@ def test_waitress_cve_2022_24761_chunk_size_and_extensions(chunk: bytes) -> None
 def test_waitress_cve_2022_24761_valid_chunk_extensions_pass() -> None:
     """waitress CVE-2022-24761, the other side: well-formed chunk extensions are accepted.
 
-    (h11 refuses the BWS that RFC 9112 allows before the first ``;``: ``6 ;x`` gets 400.)
+    (BWS before the first ``;``, which h11 refuses, is in
+    ``test_valid_chunk_lines_that_h11_refuses``.)
     """
     events = accepted(
         CHUNKED + b'5; some; parameters=stuff;q="a \\"b\\" c"\r\nhello\r\n'
@@ -502,10 +504,40 @@ def test_trailer_section_is_checked_like_a_head(trailers: bytes, status: int) ->
         pytest.param(b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="asterisk-not-options"),
         pytest.param(b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", 501, id="connect"),
         pytest.param(b"CONNECT / HTTP/1.1\r\nHost: x\r\n\r\n", 501, id="connect-origin"),
-        pytest.param(b"GET / HTTP/1.2\r\nHost: x\r\n\r\n", 505, id="http-1.2"),
         pytest.param(b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505, id="http-2.0"),
+        pytest.param(b"GET / HTTP/3.1\r\nHost: x\r\n\r\n", 505, id="http-3.1"),
         pytest.param(b"GET / HTTP/0.9\r\n\r\n", 505, id="http-0.9"),
-        pytest.param(b"\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="leading-crlf"),
+        pytest.param(b"GET / HTTP/1.2\r\n\r\n", 400, id="http-1.2-no-host"),
+        pytest.param(b"\rGET / HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="leading-bare-cr"),
+        pytest.param(b"\nGET / HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="leading-bare-lf"),
+        pytest.param(b"\r\n\nGET / HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="crlf-then-lf"),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0" + b"1" * 21 + b"\r\n\r\n",
+            400,
+            id="length-21-digits-after-zeros",
+        ),
+        pytest.param(b"GET http:///a HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="absolute-no-host"),
+        pytest.param(b"GET http://:80/a HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="absolute-port-only"),
+        pytest.param(b"GET http://a@b@c/ HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="absolute-two-at"),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: ,\r\n\r\n", 400, id="te-only-empty"
+        ),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\nContent-Length: 5\r\n\r\n",
+            400,
+            id="te-empty-with-length",
+        ),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: ,chunked\r\n"
+            b"Content-Length: 5\r\n\r\n",
+            400,
+            id="te-empty-element-with-length",
+        ),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: , chunked, ,chunked\r\n\r\n",
+            400,
+            id="te-chunked-twice-among-empty",
+        ),
         pytest.param(
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"1" * 21 + b"\r\n\r\n",
             400,
@@ -541,6 +573,133 @@ def test_valid_requests_pass(raw: bytes) -> None:
     events = accepted(raw)
     assert len(targets(events)) == 1
     assert type(events[-1]) is h11.EndOfMessage
+
+
+@pytest.mark.parametrize(
+    ("raw", "body"),
+    [
+        pytest.param(CHUNKED.replace(b"chunked", b",chunked"), b"hello", id="te-leading-comma"),
+        pytest.param(CHUNKED.replace(b"chunked", b"chunked,"), b"hello", id="te-trailing-comma"),
+        pytest.param(CHUNKED.replace(b"chunked", b" , ,Chunked , "), b"hello", id="te-commas"),
+        pytest.param(
+            HEAD + b"Transfer-Encoding:\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"hello",
+            id="te-empty-line-first",
+        ),
+        pytest.param(
+            HEAD + b"Transfer-Encoding: chunked\r\nX: y\r\nTransfer-Encoding: ,\r\n\r\n",
+            b"hello",
+            id="te-empty-line-last",
+        ),
+        pytest.param(
+            HEAD + b"Content-Length: " + b"0" * 30 + b"5\r\n\r\n", b"hello", id="length-zeros"
+        ),
+        pytest.param(HEAD + b"Content-Length: " + b"0" * 25 + b"\r\n\r\n", b"", id="length-0s"),
+    ],
+)
+def test_valid_framing_that_h11_refuses_is_accepted(raw: bytes, body: bytes) -> None:
+    """RFC 9110 section 5.6.1 (empty list elements are ignored) and any number of leading
+    zeros in a Content-Length: h11 refuses these, so it is given the head without them. The
+    request behind it on the connection is framed as every other parser frames it."""
+    if b"chunked" in raw.lower():
+        raw += b"5\r\nhello\r\n0\r\n\r\n" if body else b"0\r\n\r\n"
+    else:
+        raw += body
+    conn = server()
+    events = conn.receive_data(raw + SMUGGLED)
+    assert targets(events) == [b"/upload"]
+    assert body_of(events) == body
+    assert events[-2:] == [h11.EndOfMessage(), PAUSED]
+    conn.send_response(200, b"OK", [], None, content_length=0)
+    conn.send_end()
+    conn.start_next_cycle()
+    assert targets(conn.next_events()) == [b"/admin"]
+
+
+def test_http_1_minor_versions_above_1_are_served_as_http_1_1() -> None:
+    """RFC 9110 section 2.5: HTTP/1.2 to HTTP/1.9 are processed as HTTP/1.1 (keep-alive,
+    Host required), and answered with HTTP/1.1."""
+    conn = server()
+    events = conn.receive_data(b"GET /a HTTP/1.2\r\nHost: x\r\n\r\n" + SMUGGLED)
+    assert [event.http_version for event in events if type(event) is h11.Request] == [b"1.1"]
+    head = conn.send_response(200, b"OK", [], None, content_length=0)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    conn.send_end()
+    assert conn.keep_alive
+    conn.start_next_cycle()
+    assert targets(conn.next_events()) == [b"/admin"]
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        pytest.param((b"\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n",), id="one-read"),
+        pytest.param((b"\r", b"\n", b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"), id="pieces"),
+        pytest.param((b"\r\n\r\n\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n",), id="several"),
+    ],
+)
+def test_empty_lines_before_the_request_line_are_ignored(pieces: tuple[bytes, ...]) -> None:
+    """RFC 9112 section 2.2: a server SHOULD ignore at least one empty line (CRLF) before the
+    request line; h11 refuses it. A bare CR or LF there stays refused (see above)."""
+    events = accepted(*pieces)
+    assert targets(events) == [b"/a"]
+    assert type(events[-1]) is h11.EndOfMessage
+
+
+def test_empty_line_after_a_body_before_a_pipelined_request_is_ignored() -> None:
+    """Some clients send a CRLF after a request body (RFC 9112 section 2.2 names them): the
+    pipelined request after it is served, and the body is exactly its Content-Length."""
+    conn = server()
+    events = conn.receive_data(
+        HEAD + b"Content-Length: 5\r\n\r\nhello\r\n" + SMUGGLED + b"\r\n" + SMUGGLED
+    )
+    assert targets(events) == [b"/upload"]
+    assert body_of(events) == b"hello"
+    for _ in range(2):
+        conn.send_response(200, b"OK", [], None, content_length=0)
+        conn.send_end()
+        conn.start_next_cycle()
+        assert targets(conn.next_events()) == [b"/admin"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        pytest.param(b"5 ;a=b", id="bws-before-semicolon"),
+        pytest.param(b"5\t; a = b ;c", id="tab-before-semicolon"),
+        pytest.param(b"0" * 30 + b"5", id="zero-padded"),
+        pytest.param(b"0" * 30 + b"5 ;a=b", id="zero-padded-bws"),
+    ],
+)
+def test_valid_chunk_lines_that_h11_refuses(line: bytes, peek_mode: str) -> None:
+    """RFC 9112 section 7.1.1 allows BWS before ``;``, and a chunk size may have any number of
+    leading zeros; h11 refuses both. With access to h11's buffer (h11 0.16) the line is given
+    to h11 as the same size with OWS; without it, h11's refusal (400) stands: fail closed."""
+    chunks = line + b"\r\nhello\r\n" + b"0" * 25 + b"\r\n\r\n"
+    conn = server()
+    events, exc = feed(conn, CHUNKED + chunks + SMUGGLED)
+    if peek_mode == "zero-copy":
+        assert exc is None
+        assert body_of(events) == b"hello"
+        assert events[-2:] == [h11.EndOfMessage(), PAUSED]
+    else:
+        assert exc is not None
+        assert exc.status == 400
+        assert all(type(event) is not h11.EndOfMessage for event in events)
+
+
+def test_chunk_size_over_20_hex_digits_without_zeros_is_refused() -> None:
+    exc, _ = rejected(CHUNKED + b"0" * 5 + b"1" * 21 + b"\r\nhello\r\n0\r\n\r\n")
+    assert exc.status == 400
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"http://good.example/h", b"HTTPS://good.example:8443/h?q", b"http://u:p@good.example/"],
+)
+def test_absolute_form_targets_pass(target: bytes) -> None:
+    events = accepted(b"GET " + target + b" HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+    assert targets(events) == [target]
 
 
 def test_field_line_limit_counts_the_crlf() -> None:
