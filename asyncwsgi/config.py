@@ -263,6 +263,13 @@ class Config:
         "and CIDR networks, or '*' for all. Unset: $FORWARDED_ALLOW_IPS, else 127.0.0.1. "
         "UNIX-socket peers are always trusted.",
     )
+    forwarded_trust_headers: str = _opt(
+        "x-forwarded-for,x-forwarded-proto,x-forwarded-host,x-forwarded-port,"
+        "x-forwarded-prefix,forwarded",
+        "The forwarding headers trusted peers may set with --proxy-headers: comma-separated "
+        "field names, any case (waitress's trusted_proxy_headers). The others are removed from "
+        "their requests, and all six from the requests of untrusted peers.",
+    )
     proxy_protocol: bool = _opt(
         False,
         "Accept a HAProxy PROXY protocol v1 or v2 header at the start of connections from "
@@ -433,7 +440,7 @@ def _check_operation(config: Config) -> None:
         ConfigError: a value is out of range, malformed, or needs a setting that is missing.
     """
     from .accesslog import AccessFormat
-    from .proxy import TrustedPeers
+    from .proxy import TrustedPeers, parse_trust_headers
 
     if config.ssl_cert_reqs not in (0, 1, 2):
         raise ConfigError(f"ssl_cert_reqs must be 0, 1 or 2, got {config.ssl_cert_reqs}")
@@ -449,5 +456,6 @@ def _check_operation(config: Config) -> None:
         )
     assert config.forwarded_allow_ips is not None
     TrustedPeers(config.forwarded_allow_ips)
+    parse_trust_headers(config.forwarded_trust_headers)
     if config.access_logformat is not None:
         AccessFormat(config.access_logformat, json=config.access_log_json)

@@ -13,9 +13,15 @@ client can send them:
   client's address and port (:class:`ProxyProtocolReader`; the HAProxy specification is
   https://www.haproxy.org/download/2.9/doc/proxy-protocol.txt).
 
-Cost: trust is decided once per connection (:meth:`ProxySupport.for_peer`); a connection from an
-untrusted peer gets None and pays nothing per request, a trusted one pays a few dict look-ups per
-request when no forwarded header is present.
+With ``--proxy-headers``, the forwarding headers of a peer outside ``--forwarded-allow-ips`` are
+removed from the environ, so that an application reading ``HTTP_X_FORWARDED_HOST`` itself (Django's
+``USE_X_FORWARDED_HOST``) cannot be fooled by a direct client; ``--forwarded-trust-headers`` names
+the ones a trusted proxy may set, and the others are removed from its requests too (waitress 3.0's
+``clear_untrusted_proxy_headers`` and ``trusted_proxy_headers``). With ``--no-proxy-headers`` the
+server interprets none of them and leaves them all in the environ.
+
+Cost: trust is decided once per connection (:meth:`ProxySupport.for_peer`); each request then
+pays a few dict look-ups when no forwarded header is present.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ if TYPE_CHECKING:
     from .config import Config
 
 __all__ = [
+    "FORWARDING_HEADERS",
     "TrustedPeers",
     "ProxyHeaders",
     "ProxySupport",
@@ -40,6 +47,7 @@ __all__ = [
     "ProxyProtocolReader",
     "parse_proxy_header",
     "parse_forwarded",
+    "parse_trust_headers",
     "V2_SIGNATURE",
 ]
 
@@ -131,6 +139,42 @@ class TrustedPeers:
 
 
 # -- forwarded headers ----------------------------------------------------------------------------
+
+#: The forwarding header fields, by lower-case field name, and their environ keys.
+FORWARDING_HEADERS: Final = {
+    "x-forwarded-for": "HTTP_X_FORWARDED_FOR",
+    "x-forwarded-proto": "HTTP_X_FORWARDED_PROTO",
+    "x-forwarded-host": "HTTP_X_FORWARDED_HOST",
+    "x-forwarded-port": "HTTP_X_FORWARDED_PORT",
+    "x-forwarded-prefix": "HTTP_X_FORWARDED_PREFIX",
+    "forwarded": "HTTP_FORWARDED",
+}
+
+
+def parse_trust_headers(spec: str) -> frozenset[str]:
+    """Parse ``--forwarded-trust-headers``: the forwarding fields a trusted proxy may set.
+
+    Args:
+        spec: comma-separated field names of :data:`FORWARDING_HEADERS`, in any case
+            (``X-Forwarded-For, x-forwarded-proto``). Blanks are ignored; an empty list trusts
+            none (every forwarding header is removed, from every peer).
+
+    Returns:
+        The lower-case field names.
+
+    Raises:
+        ConfigError: a name is not one of the forwarding headers (a typo must not silently
+            leave a header untrusted).
+    """
+    names = frozenset(name.strip().lower() for name in spec.split(",") if name.strip())
+    unknown = sorted(names - FORWARDING_HEADERS.keys())
+    if unknown:
+        raise ConfigError(
+            f"forwarded_trust_headers: {', '.join(map(repr, unknown))} is not one of "
+            f"{', '.join(FORWARDING_HEADERS)}"
+        )
+    return names
+
 
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+;=%-]+)(?::([0-9]{1,5}))?")
 _PREFIX = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
@@ -253,20 +297,36 @@ class ProxyHeaders:
                               and strips it from the path); the last value.
     ========================  =======================================================
 
-    A malformed value is ignored (the request is served as if it were absent). The headers stay
-    in the environ as ``HTTP_X_FORWARDED_*`` and ``HTTP_FORWARDED``.
+    Only the fields in ``names`` are interpreted; the other forwarding headers are removed from
+    the environ first, so that neither the server nor the application acts on them (waitress's
+    ``trusted_proxy_headers``). An instance with no names removes all six: that is what a
+    request from an untrusted peer gets. A malformed value of a trusted field is ignored (the
+    request is served as if it were absent) and stays in the environ, as the well-formed ones
+    do, as ``HTTP_X_FORWARDED_*`` and ``HTTP_FORWARDED``.
 
     Args:
         trusted: the trusted peers, for picking the client among the hops.
+        names: the lower-case field names of :data:`FORWARDING_HEADERS` to interpret (default
+            all of them); see :func:`parse_trust_headers`.
     """
 
-    __slots__ = ("trusted",)
+    __slots__ = ("names", "removed", "trusted")
 
-    def __init__(self, trusted: TrustedPeers) -> None:
+    def __init__(
+        self, trusted: TrustedPeers, names: frozenset[str] = frozenset(FORWARDING_HEADERS)
+    ) -> None:
         self.trusted = trusted
+        self.names = names
+        #: The environ keys of the forwarding headers not in ``names``.
+        self.removed: tuple[str, ...] = tuple(
+            key for name, key in FORWARDING_HEADERS.items() if name not in names
+        )
 
     def apply(self, environ: dict[str, Any]) -> None:
-        """Rewrite ``environ`` in place from its forwarded headers. Loop or worker thread."""
+        """Remove the untrusted forwarding headers of ``environ``, then rewrite it in place from
+        the trusted ones. Loop or worker thread."""
+        for key in self.removed:
+            environ.pop(key, None)
         forwarded = environ.get("HTTP_FORWARDED")
         if forwarded is not None:
             self._forwarded(environ, forwarded)
@@ -510,17 +570,25 @@ class ProxySupport:
     """The proxy settings of one server, decided once per connection. Immutable.
 
     Args:
-        config: ``proxy_headers``, ``forwarded_allow_ips`` and ``proxy_protocol`` are used.
+        config: ``proxy_headers``, ``forwarded_allow_ips``, ``forwarded_trust_headers`` and
+            ``proxy_protocol`` are used.
+
+    Raises:
+        ConfigError: ``forwarded_allow_ips`` or ``forwarded_trust_headers`` is malformed.
     """
 
-    __slots__ = ("headers", "protocol", "trusted")
+    __slots__ = ("headers", "protocol", "trusted", "untrusted")
 
     def __init__(self, config: Config) -> None:
         self.trusted = TrustedPeers(config.forwarded_allow_ips or "127.0.0.1")
-        #: The header rewriter, or None when ``--no-proxy-headers``.
-        self.headers: ProxyHeaders | None = (
-            ProxyHeaders(self.trusted) if config.proxy_headers else None
-        )
+        #: The header rewriter of trusted peers, or None when ``--no-proxy-headers``.
+        self.headers: ProxyHeaders | None = None
+        #: What untrusted peers get: removes every forwarding header; None likewise.
+        self.untrusted: ProxyHeaders | None = None
+        if config.proxy_headers:
+            names = parse_trust_headers(config.forwarded_trust_headers)
+            self.headers = ProxyHeaders(self.trusted, names)
+            self.untrusted = ProxyHeaders(self.trusted, frozenset())
         self.protocol = config.proxy_protocol
 
     def for_peer(self, host: str | None) -> tuple[ProxyHeaders | None, ProxyProtocolReader | None]:
@@ -531,14 +599,17 @@ class ProxySupport:
                 processes allowed to open the socket file can connect).
 
         Returns:
-            ``(headers, reader)``: each None when it is off or the peer is not trusted.
+            ``(headers, reader)``: ``headers`` is None with ``--no-proxy-headers``, and for an
+            untrusted peer removes the forwarding headers without applying them; ``reader`` is
+            None when ``--proxy-protocol`` is off or the peer is not trusted.
         """
         if self.headers is None and not self.protocol:
             return None, None  # both off: no address to look at
         if host is not None and host not in self.trusted:
-            return None, None
+            return self.untrusted, None
         return self.headers, (ProxyProtocolReader() if self.protocol else None)
 
     def headers_for(self, host: str) -> ProxyHeaders | None:
-        """The header rewriter for a client whose address came from a PROXY header."""
-        return self.headers if host in self.trusted else None
+        """The header rewriter for a client whose address came from a PROXY header: the HTTP
+        headers are that client's, so they get what a direct connection from it would get."""
+        return self.headers if host in self.trusted else self.untrusted

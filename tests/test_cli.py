@@ -286,6 +286,7 @@ def test_console_script_version() -> None:
         "--limit-request-field_size",
         "--limit-request-field-size",
         "--limit-request-body",
+        "--forwarded-trust-headers",
     ],
 )
 def test_help_lists_flag(flag: str, serve_help: str) -> None:
@@ -424,6 +425,10 @@ def test_cannot_listen_gives_one_line_and_exit_1(args: tuple[str, ...], fragment
         (("--timeout-keep-alive", "-1"), "timeout_keep_alive must not be negative"),
         (("-b", "127.0.0.1:http"), "bad port in bind '127.0.0.1:http'"),
         (("--root-path", "prefix/"), "root_path must start"),
+        (
+            ("--forwarded-trust-headers", "x-forwarded-fro"),
+            "forwarded_trust_headers: 'x-forwarded-fro'",
+        ),
         (("--no-such-flag",), "unrecognized arguments: --no-such-flag"),
     ],
 )
@@ -518,6 +523,19 @@ def test_root_path_sets_script_name() -> None:
         assert environ["PATH_INFO"] == "/some/page"
         assert environ["QUERY_STRING"] == "x=1"
         assert server.stop() == 0
+
+
+def test_forwarded_trust_headers_flag_limits_the_trusted_headers() -> None:
+    args = ("--port", "0", "--forwarded-trust-headers", "X-Forwarded-Proto")
+    headers = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example"}
+    with CLIServer("tests.apps:environ_app", *args) as server:
+        with http_client() as client:
+            environ = client.get(server.url(), headers=headers).json()
+        assert server.stop() == 0
+    assert environ["wsgi.url_scheme"] == "https"
+    assert environ["HTTP_X_FORWARDED_PROTO"] == "https"
+    assert "HTTP_X_FORWARDED_HOST" not in environ
+    assert environ["HTTP_HOST"] != "evil.example"
 
 
 def test_uds_serves_over_a_unix_socket(tmp_path: Path) -> None:

@@ -65,6 +65,10 @@ DEFAULTS: dict[str, Any] = {
     "ssl_ciphers": "TLSv1",
     "proxy_headers": True,
     "forwarded_allow_ips": "127.0.0.1",
+    "forwarded_trust_headers": (
+        "x-forwarded-for,x-forwarded-proto,x-forwarded-host,x-forwarded-port,"
+        "x-forwarded-prefix,forwarded"
+    ),
     "proxy_protocol": False,
 }
 

@@ -16,6 +16,7 @@ import pytest
 
 from asyncwsgi import Config, ConfigError
 from asyncwsgi.proxy import (
+    FORWARDING_HEADERS,
     V2_SIGNATURE,
     ProxyHeaders,
     ProxyInfo,
@@ -25,6 +26,7 @@ from asyncwsgi.proxy import (
     TrustedPeers,
     parse_forwarded,
     parse_proxy_header,
+    parse_trust_headers,
 )
 
 from . import apps
@@ -248,6 +250,80 @@ def test_apply_forwarded_all_trusted_takes_the_leftmost() -> None:
     assert environ["wsgi.url_scheme"] == "https"
 
 
+ALL_SIX = {
+    "HTTP_X_FORWARDED_FOR": "203.0.113.7",
+    "HTTP_X_FORWARDED_PROTO": "https",
+    "HTTP_X_FORWARDED_HOST": "evil.example",
+    "HTTP_X_FORWARDED_PORT": "8443",
+    "HTTP_X_FORWARDED_PREFIX": "/evil",
+    "HTTP_FORWARDED": "for=198.51.100.1;proto=https;host=evil.example",
+}
+
+
+def test_forwarding_headers_are_the_six() -> None:
+    assert set(FORWARDING_HEADERS.values()) == set(ALL_SIX)
+    for name, key in FORWARDING_HEADERS.items():
+        assert key == "HTTP_" + name.upper().replace("-", "_")
+
+
+@pytest.mark.parametrize(
+    ("spec", "names"),
+    [
+        ("x-forwarded-for", {"x-forwarded-for"}),
+        (" X-Forwarded-FOR ,x-FORWARDED-proto,", {"x-forwarded-for", "x-forwarded-proto"}),
+        ("Forwarded", {"forwarded"}),
+        ("", set()),
+        (" , ", set()),
+        (",".join(FORWARDING_HEADERS).upper(), set(FORWARDING_HEADERS)),
+    ],
+)
+def test_parse_trust_headers(spec: str, names: set[str]) -> None:
+    assert parse_trust_headers(spec) == names
+
+
+@pytest.mark.parametrize("spec", ["x-forwarded-fro", "x-real-ip", "x-forwarded-for;proto", "*"])
+def test_trust_headers_refuse_unknown_names(spec: str) -> None:
+    with pytest.raises(ConfigError, match="forwarded_trust_headers"):
+        parse_trust_headers(spec)
+    with pytest.raises(ConfigError, match="forwarded_trust_headers"):
+        Config(forwarded_trust_headers=spec)
+
+
+def test_trust_headers_default_is_all_six() -> None:
+    assert parse_trust_headers(Config().forwarded_trust_headers) == set(FORWARDING_HEADERS)
+    support = ProxySupport(Config())
+    assert support.headers is not None
+    assert support.headers.removed == ()
+
+
+def test_apply_with_no_trusted_names_removes_all_six_and_applies_none() -> None:
+    environ = base_environ(**ALL_SIX)
+    ProxyHeaders(TrustedPeers("127.0.0.1"), frozenset()).apply(environ)
+    assert environ == base_environ()
+
+
+def test_apply_removes_and_ignores_the_headers_not_trusted() -> None:
+    environ = base_environ(**ALL_SIX)
+    names = parse_trust_headers("x-forwarded-for,x-forwarded-proto")
+    ProxyHeaders(TrustedPeers("127.0.0.1"), names).apply(environ)
+    assert (environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]) == ("203.0.113.7", "https")
+    assert (environ["HTTP_HOST"], environ["SERVER_PORT"]) == ("backend:8000", "8000")
+    assert environ["SCRIPT_NAME"] == ""
+    keys = {key for key in ALL_SIX if key in environ}
+    assert keys == {"HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO"}
+
+
+def test_apply_untrusted_forwarded_no_longer_hides_x_forwarded_for() -> None:
+    """A proxy that sets X-Forwarded-For but passes the client's own Forwarded header on: with
+    Forwarded untrusted, the client cannot pick its address with it."""
+    environ = base_environ(
+        HTTP_FORWARDED="for=192.0.2.66", HTTP_X_FORWARDED_FOR="192.0.2.66, 203.0.113.7"
+    )
+    ProxyHeaders(TrustedPeers("127.0.0.1"), parse_trust_headers("x-forwarded-for")).apply(environ)
+    assert environ["REMOTE_ADDR"] == "203.0.113.7"
+    assert "HTTP_FORWARDED" not in environ
+
+
 # -- proxy headers over sockets --------------------------------------------------------------------
 
 FORWARDED_HEAD = (
@@ -277,7 +353,12 @@ async def test_trusted_peer_headers_rewrite_the_environ() -> None:
     assert (environ["SERVER_NAME"], environ["SERVER_PORT"]) == ("www.example.com", "8443")
     assert environ["SCRIPT_NAME"] == "/shop"
     assert environ["PATH_INFO"] == "/app/page"
-    assert environ["HTTP_X_FORWARDED_FOR"] == "198.51.100.2, 203.0.113.50"  # still visible
+    # Still visible to the application, as the proxy set them.
+    assert environ["HTTP_X_FORWARDED_FOR"] == "198.51.100.2, 203.0.113.50"
+    assert environ["HTTP_X_FORWARDED_PROTO"] == "https"
+    assert environ["HTTP_X_FORWARDED_HOST"] == "www.example.com"
+    assert environ["HTTP_X_FORWARDED_PORT"] == "8443"
+    assert environ["HTTP_X_FORWARDED_PREFIX"] == "/shop"
 
 
 async def test_untrusted_peer_headers_are_ignored() -> None:
@@ -291,7 +372,93 @@ async def test_untrusted_peer_headers_are_ignored() -> None:
     assert (environ["SERVER_NAME"], environ["SERVER_PORT"]) == ("127.0.0.1", str(srv.port))
     assert environ["SCRIPT_NAME"] == ""
     assert environ["PATH_INFO"] == "/app/page"
-    assert channel_headers is None  # nothing to run per request
+    assert channel_headers is srv.server.state.proxy.untrusted  # removes, applies nothing
+
+
+ALL_SIX_HEAD = (
+    b"GET / HTTP/1.1\r\nHost: backend\r\n"
+    b"X-Forwarded-For: 203.0.113.7\r\n"
+    b"X-Forwarded-Proto: https\r\n"
+    b"X-Forwarded-Host: evil.example\r\n"
+    b"X-Forwarded-Port: 8443\r\n"
+    b"X-Forwarded-Prefix: /evil\r\n"
+    b"Forwarded: for=198.51.100.1;proto=https;host=evil.example\r\n"
+    b"Connection: close\r\n\r\n"
+)
+
+
+def forwarding_keys(environ: dict[str, Any]) -> set[str]:
+    return {key for key in ALL_SIX if key in environ}
+
+
+async def test_untrusted_peer_forwarding_headers_are_removed() -> None:
+    """A direct client cannot hand the application a forged X-Forwarded-Host (Django's
+    USE_X_FORWARDED_HOST), nor any other forwarding header (waitress 3.0's default)."""
+    async with running(apps.environ_app, **UNTRUSTED) as srv:
+        environ = await environ_of(srv.port, ALL_SIX_HEAD)
+    assert forwarding_keys(environ) == set()
+    assert environ["REMOTE_ADDR"] == "127.0.0.1"
+    assert environ["wsgi.url_scheme"] == "http"
+    assert environ["HTTP_HOST"] == "backend"
+    assert environ["SCRIPT_NAME"] == ""
+
+
+@pytest.mark.parametrize("key", sorted(ALL_SIX))
+async def test_untrusted_peer_each_forwarding_header_is_removed(key: str) -> None:
+    name = key[5:].replace("_", "-").encode()
+    request = (
+        b"GET / HTTP/1.1\r\nHost: backend\r\n"
+        + name
+        + b": "
+        + ALL_SIX[key].encode()
+        + b"\r\nX-Other: kept\r\nConnection: close\r\n\r\n"
+    )
+    async with running(apps.environ_app, **UNTRUSTED) as srv:
+        environ = await environ_of(srv.port, request)
+    assert key not in environ
+    assert environ["HTTP_X_OTHER"] == "kept"
+
+
+async def test_trusted_peer_keeps_and_applies_all_six() -> None:
+    async with running(apps.environ_app) as srv:
+        environ = await environ_of(srv.port, ALL_SIX_HEAD)
+    assert forwarding_keys(environ) == set(ALL_SIX)
+    # Forwarded replaces the three X- headers it covers; Port and Prefix still apply.
+    assert environ["REMOTE_ADDR"] == "198.51.100.1"
+    assert environ["wsgi.url_scheme"] == "https"
+    assert environ["HTTP_HOST"] == "evil.example:8443"
+    assert environ["SCRIPT_NAME"] == "/evil"
+
+
+async def test_trust_headers_limit_what_a_trusted_peer_sets() -> None:
+    async with running(
+        apps.environ_app, forwarded_trust_headers=" X-Forwarded-FOR, x-forwarded-PROTO"
+    ) as srv:
+        environ = await environ_of(srv.port, ALL_SIX_HEAD)
+    assert forwarding_keys(environ) == {"HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO"}
+    assert environ["REMOTE_ADDR"] == "203.0.113.7"  # not Forwarded's 198.51.100.1: removed
+    assert environ["wsgi.url_scheme"] == "https"
+    assert environ["HTTP_HOST"] == "backend"
+    assert (environ["SERVER_NAME"], environ["SERVER_PORT"]) == ("127.0.0.1", str(srv.port))
+    assert environ["SCRIPT_NAME"] == ""
+
+
+async def test_trust_headers_x_forwarded_for_only() -> None:
+    async with running(apps.environ_app, forwarded_trust_headers="x-forwarded-for") as srv:
+        environ = await environ_of(srv.port, FORWARDED_HEAD)
+    assert forwarding_keys(environ) == {"HTTP_X_FORWARDED_FOR"}
+    assert environ["REMOTE_ADDR"] == "203.0.113.50"
+    assert environ["wsgi.url_scheme"] == "http"
+    assert environ["HTTP_HOST"] == "backend"
+    assert environ["SCRIPT_NAME"] == ""
+
+
+async def test_trust_headers_empty_trusts_none() -> None:
+    async with running(apps.environ_app, forwarded_trust_headers="") as srv:
+        environ = await environ_of(srv.port, ALL_SIX_HEAD)
+    assert forwarding_keys(environ) == set()
+    assert environ["REMOTE_ADDR"] == "127.0.0.1"
+    assert environ["HTTP_HOST"] == "backend"
 
 
 async def _proxy_headers_of_a_connection(srv: Any) -> list[ProxyHeaders | None]:
@@ -311,6 +478,19 @@ async def test_no_proxy_headers_ignores_them_from_trusted_peers() -> None:
     assert environ["REMOTE_ADDR"] == "127.0.0.1"
     assert environ["wsgi.url_scheme"] == "http"
     assert environ["SCRIPT_NAME"] == ""
+
+
+@pytest.mark.parametrize("options", [{}, UNTRUSTED, {"forwarded_trust_headers": ""}])
+async def test_no_proxy_headers_leaves_every_forwarding_header_in_place(
+    options: dict[str, str],
+) -> None:
+    """Without --proxy-headers the server interprets none of them: they are left for the
+    application (or its own middleware) to judge, from any peer."""
+    async with running(apps.environ_app, proxy_headers=False, **options) as srv:
+        environ = await environ_of(srv.port, ALL_SIX_HEAD)
+    assert forwarding_keys(environ) == set(ALL_SIX)
+    assert environ["HTTP_X_FORWARDED_HOST"] == "evil.example"
+    assert environ["REMOTE_ADDR"] == "127.0.0.1"
 
 
 async def test_client_cannot_forge_script_name() -> None:
@@ -342,9 +522,11 @@ async def test_forwarded_header_over_sockets() -> None:
     assert (trusted["REMOTE_ADDR"], trusted["REMOTE_PORT"]) == ("2001:db8::9", "3333")
     assert trusted["wsgi.url_scheme"] == "https"
     assert trusted["HTTP_HOST"] == "api.example"
+    assert trusted["HTTP_FORWARDED"].startswith("for=")
     assert untrusted["REMOTE_ADDR"] == "127.0.0.1"
     assert untrusted["wsgi.url_scheme"] == "http"
     assert untrusted["HTTP_HOST"] == "backend"
+    assert "HTTP_FORWARDED" not in untrusted
 
 
 async def test_headers_apply_to_each_request_of_a_connection() -> None:
@@ -482,9 +664,11 @@ def test_v1_line_without_crlf_is_refused_at_107_bytes() -> None:
 def test_support_gives_readers_to_trusted_peers_only() -> None:
     support = ProxySupport(Config(proxy_protocol=True, forwarded_allow_ips="10.0.0.0/8"))
     headers, reader = support.for_peer("10.1.1.1")
-    assert headers is not None
+    assert headers is support.headers is not None
     assert reader is not None
-    assert support.for_peer("127.0.0.1") == (None, None)
+    assert support.for_peer("127.0.0.1") == (support.untrusted, None)
+    assert support.untrusted is not None
+    assert support.untrusted.names == frozenset()
     assert support.for_peer(None)[1] is not None  # UNIX socket
     off = ProxySupport(Config(forwarded_allow_ips="10.0.0.0/8"))
     assert off.for_peer("10.1.1.1")[1] is None
@@ -592,8 +776,30 @@ async def test_proxy_protocol_client_is_not_trusted_with_headers() -> None:
         inside = await environ_of(srv.port, b"PROXY TCP4 127.0.0.1 10.0.0.1 1 2\r\n" + request)
     assert outside["REMOTE_ADDR"] == "198.51.100.7"
     assert outside["wsgi.url_scheme"] == "http"
+    assert "HTTP_X_FORWARDED_FOR" not in outside  # removed, as from a direct client
+    assert "HTTP_X_FORWARDED_PROTO" not in outside
     assert inside["REMOTE_ADDR"] == "192.0.2.66"
     assert inside["wsgi.url_scheme"] == "https"
+    assert inside["HTTP_X_FORWARDED_FOR"] == "192.0.2.66"
+
+
+async def test_proxy_protocol_client_gets_the_trust_headers_list() -> None:
+    """A trusted client named by the PROXY header is held to --forwarded-trust-headers; an
+    untrusted one has all six removed."""
+    async with running(
+        apps.environ_app, proxy_protocol=True, forwarded_trust_headers="x-forwarded-proto"
+    ) as srv:
+        inside = await environ_of(srv.port, b"PROXY TCP4 127.0.0.1 10.0.0.1 1 2\r\n" + ALL_SIX_HEAD)
+        outside = await environ_of(
+            srv.port, b"PROXY TCP4 198.51.100.7 10.0.0.1 1 2\r\n" + ALL_SIX_HEAD
+        )
+    assert forwarding_keys(inside) == {"HTTP_X_FORWARDED_PROTO"}
+    assert inside["REMOTE_ADDR"] == "127.0.0.1"
+    assert inside["wsgi.url_scheme"] == "https"
+    assert inside["HTTP_HOST"] == "backend"
+    assert forwarding_keys(outside) == set()
+    assert outside["REMOTE_ADDR"] == "198.51.100.7"
+    assert outside["wsgi.url_scheme"] == "http"
 
 
 async def test_proxy_protocol_off_by_default() -> None:

@@ -47,6 +47,7 @@ from .test_cli import LISTENING, ROOT, CLIServer, http_client, run_cli
         ("fd", "3", 3),
         ("loop", "asyncio", "asyncio"),
         ("root_path", "/app", "/app"),
+        ("forwarded_trust_headers", "X-Forwarded-For,forwarded", "X-Forwarded-For,forwarded"),
     ],
 )
 def test_coerce(name: str, value: object, expected: object) -> None:
@@ -276,6 +277,23 @@ def test_cli_precedence(tmp_path: Path) -> None:
     with CLIServer("tests.apps:hello", *base, "--threads", "4", env=env) as server:
         assert threads_of(server) == 4
         assert server.stop() == 0
+
+
+def test_cli_forwarded_trust_headers_from_the_environment() -> None:
+    env = {"ASYNCWSGI_FORWARDED_TRUST_HEADERS": "x-forwarded-host, X-FORWARDED-FOR"}
+    headers = {
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "shop.example",
+        "X-Forwarded-For": "203.0.113.9",
+    }
+    with CLIServer("tests.apps:environ_app", "--port", "0", env=env) as server:
+        with http_client() as client:
+            environ = client.get(server.url(), headers=headers).json()
+        assert server.stop() == 0
+    assert environ["HTTP_HOST"] == "shop.example"
+    assert environ["REMOTE_ADDR"] == "203.0.113.9"
+    assert environ["wsgi.url_scheme"] == "http"
+    assert "HTTP_X_FORWARDED_PROTO" not in environ
 
 
 def test_cli_env_file_reaches_the_app_and_the_settings(tmp_path: Path) -> None:
