@@ -7,9 +7,10 @@ connections over them. The supervisor never imports the application and never se
 
 Signals, as gunicorn's arbiter, except that SIGINT is graceful the first time:
 
-- SIGTERM, SIGINT: graceful shutdown. Each worker gets SIGTERM and
-  ``--timeout-graceful-shutdown`` seconds to finish its requests, then SIGKILL. A repeated
-  SIGTERM changes nothing; a second SIGINT (Ctrl-C pressed again) is SIGQUIT.
+- SIGTERM, SIGINT: graceful shutdown. Each worker gets SIGTERM (a worker that a reload has
+  already told to stop is not told again) and ``--timeout-graceful-shutdown`` seconds to finish
+  its requests, then SIGKILL. A repeated SIGTERM changes nothing; a second SIGINT (Ctrl-C
+  pressed again) is SIGQUIT.
 - SIGQUIT: stop now. Each worker gets SIGQUIT and closes its connections at once.
 - SIGHUP: rolling restart. For each old worker a new one is started, and the old one gets SIGTERM
   only once the new one is accepting: no request is refused during the reload.
@@ -320,7 +321,8 @@ class Supervisor:
     def _stop_workers(self) -> None:
         """Stop every worker: SIGTERM, and SIGKILL after ``--timeout-graceful-shutdown`` + 5 s.
 
-        SIGQUIT, or
+        A worker already told to stop (retiring after a reload) is not told again; the deadline
+        bounds its drain as any other's. SIGQUIT, or
         a second SIGINT, to the supervisor, before or during the wait, sends SIGQUIT to every
         worker: stop now.
         """
@@ -330,8 +332,9 @@ class Supervisor:
         quick_sent = False
         if not self._quick:
             for pid in list(self.workers):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
+                if pid not in self._retiring:  # a reload told it already; it is draining
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.config.timeout_graceful_shutdown + 5.0
         while self.workers and time.monotonic() < deadline:
             if self._quick and not quick_sent:

@@ -197,6 +197,26 @@ def test_sigquit_to_the_supervisor_stops_now(app_dir: Path, signals: list[str]) 
         assert _lines(proc, rf"\[{pid}\] .*Received SIGQUIT, closing connections now")
 
 
+def test_sigterm_to_the_supervisor_does_not_cut_a_worker_draining_after_sighup(
+    app_dir: Path,
+) -> None:
+    """A worker that a reload told to stop is not told again (and cut) when the supervisor
+    stops; the supervisor waits for it."""
+    with _server(app_dir, "--no-access-log") as proc:
+        sock, pid = _start_upload(proc, 1)
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_for(rf"\[{pid}\] .*Received SIGTERM, shutting down")  # retired, draining
+        proc.proc.send_signal(signal.SIGTERM)
+        proc.wait_for("Received SIGTERM, shutting down workers")
+        # A marker signal: the worker handles it after whatever the supervisor sent it on stopping.
+        os.kill(pid, signal.SIGUSR1)
+        proc.wait_for(rf"\[{pid}\] .*Received SIGUSR1")
+        assert _finish(sock) == (200, BODY)
+        assert _stopped(proc) == 0
+        assert len(_lines(proc, rf"\[{pid}\] .*Received SIGTERM")) == 1
+        assert not _lines(proc, "closing connections now|did not stop in time")
+
+
 def _boot_gated_worker(proc: Proc, app_dir: Path) -> int:
     """Kill a worker; return the pid of its replacement, which is importing the application
     and stays there until :func:`_release`."""
