@@ -9,13 +9,14 @@ import os
 import re
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .helpers import decode_replies
-from .test_supervisor import DEADLINE, Proc, _free_port, _worker_pids
+from .test_supervisor import DEADLINE, Proc, _free_port, _get, _worker_pids
 
 # The request body arrives in two halves: the application blocks reading it until the test sends
 # the second one, so a request is in flight for exactly as long as the test wants.
@@ -236,6 +237,28 @@ def _release(app_dir: Path) -> None:
         os.write(fd, b"g")
     finally:
         os.close(fd)
+
+
+def test_sigusr1_while_a_worker_boots_reopens_its_logs_once_it_is_up(app_dir: Path) -> None:
+    """logrotate's move-then-signal while a replacement worker imports the application: once up,
+    that worker writes to the new file too."""
+    log = app_dir / "access.log"
+    args = ["--access-logfile", str(log), "--access-logformat", "%(p)s %(r)s"]
+    with _server(app_dir, *args) as proc:
+        survivor = max(_worker_pids(proc))
+        booting = _boot_gated_worker(proc, app_dir)
+        log.rename(app_dir / "access.log.1")
+        os.killpg(proc.proc.pid, signal.SIGUSR1)
+        proc.wait_for(rf"\[{survivor}\] .*Received SIGUSR1, reopening 1 log file")
+        _release(app_dir)
+        proc.wait_for(rf"\[{booting}\] .*Received SIGUSR1, reopening 1 log file")
+        deadline = time.monotonic() + DEADLINE
+        while int(_get(proc.port)) != booting:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "the new worker answered no request"
+        proc.proc.send_signal(signal.SIGTERM)
+        assert _stopped(proc) == 0
+    assert str(booting) not in (app_dir / "access.log.1").read_text()
+    assert f"<{booting}> GET / HTTP/1.1" in log.read_text()
 
 
 def test_sigterm_while_a_worker_boots_stops_it_gracefully_once_it_is_up(app_dir: Path) -> None:
