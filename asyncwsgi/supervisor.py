@@ -322,9 +322,8 @@ class Supervisor:
         """Stop every worker: SIGTERM, and SIGKILL after ``--timeout-graceful-shutdown`` + 5 s.
 
         A worker already told to stop (retiring after a reload) is not told again; the deadline
-        bounds its drain as any other's. SIGQUIT, or
-        a second SIGINT, to the supervisor, before or during the wait, sends SIGQUIT to every
-        worker: stop now.
+        bounds its drain as any other's. SIGQUIT, or a second SIGINT, to the supervisor, before
+        or during the wait, sends SIGQUIT to every worker: stop now.
         """
         name = getattr(self, "_signal_name", "")
         if name:
