@@ -7,8 +7,17 @@ Three entry points:
 - :func:`serve`: ``await asyncwsgi.serve(app, port=8000)`` on the loop that is already running,
   until cancelled or until ``shutdown_trigger`` returns.
 - :func:`run`: the blocking entry for scripts and the CLI; it creates the loop (uvloop when
-  installed), installs SIGINT/SIGTERM handlers (and SIGUSR1, which reopens the log files)
-  and returns after a graceful shutdown.
+  installed), installs the signal handlers and returns after a graceful shutdown.
+
+Signals (:func:`run`), as gunicorn's, except that SIGINT is graceful the first time:
+
+- SIGTERM: graceful shutdown; in-flight requests get ``--timeout-graceful-shutdown`` seconds.
+  Repeating it changes nothing, so a signal sent to the whole process group (systemd's
+  ``KillMode=control-group``), which a worker also gets forwarded by its supervisor, is still
+  graceful.
+- SIGINT (Ctrl-C): graceful shutdown; a second SIGINT closes the connections now.
+- SIGQUIT: close every connection now and exit.
+- SIGUSR1: reopen the log files (after logrotate moved them).
 """
 
 from __future__ import annotations
@@ -466,7 +475,10 @@ def run(
 
     Creates the event loop named by ``config.loop`` (uvloop by default when installed), sets up
     logging to stderr unless ``configure_logs`` is False, and returns once every connection is
-    closed. A second signal during the graceful shutdown cuts it short.
+    closed. SIGTERM and SIGINT shut down gracefully, SIGQUIT or a second SIGINT closes the
+    connections at once, SIGUSR1 reopens the log files (see the module docstring). The handlers
+    are installed, and then these signals unblocked in the calling thread, before the sockets
+    accept: signals that arrived while they were blocked are handled then.
 
     Raises:
         ConfigError: an option is invalid.
@@ -492,6 +504,11 @@ def run(
             loop.close()
 
 
+#: The signals :func:`run` handles: SIGTERM and SIGINT stop gracefully, SIGQUIT (or a second
+#: SIGINT) stops now, SIGUSR1 reopens the log files.
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1)
+
+
 async def _main(
     app: WSGIApplication,
     config: Config,
@@ -500,27 +517,47 @@ async def _main(
 ) -> None:
     loop = asyncio.get_running_loop()
     server = Server(app, config, sockets=sockets)
-    signals = 0
+    graceful = quick = False
+    interrupts = 0
 
     def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            error_logger.info("Received %s, shutting down", signal.Signals(signum).name)
+        # gunicorn's meanings: SIGTERM is a graceful shutdown, however often it comes (systemd's
+        # KillMode=control-group sends it to every process, and the supervisor forwards one
+        # more); SIGQUIT is "now". SIGINT is graceful too, and a second SIGINT, a person pressing
+        # Ctrl-C again, is "now": a supervisor forwards SIGTERM, never SIGINT, so a worker sees
+        # one SIGINT per keypress.
+        nonlocal graceful, quick, interrupts
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            interrupts += 1
+        if signum == signal.SIGQUIT or interrupts > 1:
+            if quick:
+                return
+            quick = True
+            again = " again" if signum == signal.SIGINT else ""
+            error_logger.info("Received %s%s, closing connections now", name, again)
             server.should_exit.set()
+            if server.started.is_set():
+                for channel in list(server.state.channels):
+                    channel.abort()
+        elif graceful or quick:
+            error_logger.info("Received %s; already shutting down", name)
         else:
-            error_logger.info(
-                "Received %s again, closing connections now", signal.Signals(signum).name
-            )
-            for channel in list(server.state.channels):
-                channel.abort()
+            graceful = True
+            error_logger.info("Received %s, shutting down", name)
+            server.should_exit.set()
 
     def on_usr1() -> None:
         error_logger.info("Received SIGUSR1, reopening %d log file(s)", reopen_log_files())
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
-    loop.add_signal_handler(signal.SIGUSR1, on_usr1)
+    for signum in HANDLED_SIGNALS:
+        if signum == signal.SIGUSR1:
+            loop.add_signal_handler(signum, on_usr1)
+        else:
+            loop.add_signal_handler(signum, on_signal, signum)
+    # A worker forked by the supervisor comes here with these signals blocked, and those it
+    # received while it booted pending: they are handled now, by the handlers above.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     error_logger.info("Starting asyncwsgi (pid: %d, loop: %s)", os.getpid(), _loop_name(loop))
     await server.start()
     if on_started is not None:
@@ -528,8 +565,8 @@ async def _main(
     try:
         await server.should_exit.wait()
     finally:
-        await server.shutdown()
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        await server.shutdown(0 if quick else None)
+        for signum in HANDLED_SIGNALS:
             loop.remove_signal_handler(signum)
         error_logger.info("Shutdown complete")
 

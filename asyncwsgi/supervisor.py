@@ -5,10 +5,13 @@ with ``SO_REUSEPORT``), then forks N workers. Each worker imports the applicatio
 runs its own event loop and thread pool (:func:`asyncwsgi.server.run`); the kernel spreads new
 connections over them. The supervisor never imports the application and never serves a request.
 
-Signals, as gunicorn:
+Signals, as gunicorn's arbiter, except that SIGINT is graceful the first time:
 
-- SIGTERM, SIGINT: graceful shutdown. Workers get SIGTERM and
-  ``--timeout-graceful-shutdown`` seconds to finish their requests, then SIGKILL.
+- SIGTERM, SIGINT: graceful shutdown. Each worker gets SIGTERM (a worker that a reload has
+  already told to stop is not told again) and ``--timeout-graceful-shutdown`` seconds to finish
+  its requests, then SIGKILL. A repeated SIGTERM changes nothing; a second SIGINT (Ctrl-C
+  pressed again) is SIGQUIT.
+- SIGQUIT: stop now. Each worker gets SIGQUIT and closes its connections at once.
 - SIGHUP: rolling restart. For each old worker a new one is started, and the old one gets SIGTERM
   only once the new one is accepting: no request is refused during the reload.
 - SIGUSR1: reopen the log files (after logrotate moved them), in the supervisor and every worker.
@@ -21,6 +24,13 @@ Signals, as gunicorn:
 watched file restarts the worker the way SIGHUP does, while the supervisor keeps the listening
 socket, so a browser never sees a refused connection. A worker that cannot import the changed
 application prints the error, and the supervisor waits for the next change.
+
+A signal sent to the whole process group (systemd's ``KillMode=control-group``, Ctrl-C in a
+terminal) reaches each worker directly as well as forwarded, which is why a worker takes a
+repeated SIGTERM as no news, and why the supervisor forwards SIGTERM, never SIGINT: a worker sees
+one SIGINT per keypress. A worker is forked with the signals blocked and keeps those that arrive
+while it imports the application until its event loop handles them, so none is lost or handled
+by the supervisor's handlers in the child.
 
 Main thread of the supervisor process only; Unix only (``os.fork``).
 """
@@ -52,7 +62,14 @@ __all__ = ["Supervisor", "APP_LOAD_ERROR"]
 APP_LOAD_ERROR = 3
 
 # The signals the supervisor handles (see the module docstring).
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
+_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGCHLD,
+)
 
 AppLoader = Callable[[], "WSGIApplication"]
 
@@ -79,6 +96,8 @@ class Supervisor:
         self.workers: dict[int, _Worker] = {}
         self._sockets: list[socket.socket] = []
         self._stopping = False
+        self._interrupted = False  # a SIGINT came: a second one means "now"
+        self._quick = ""  # the signal that asked to stop now (SIGQUIT, a second SIGINT)
         self._reload_queue: list[int] = []
         self._reopen_logs = False
         self._retiring: set[int] = set()  # told to stop by a reload: not replaced when they exit
@@ -186,10 +205,14 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         # Runs between bytecodes of the main thread; keep it to flag setting.
-        if signum in (signal.SIGTERM, signal.SIGINT):
+        if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            name = signal.Signals(signum).name
+            if signum == signal.SIGQUIT or (signum == signal.SIGINT and self._interrupted):
+                self._quick = self._quick or name
+            self._interrupted = self._interrupted or signum == signal.SIGINT
             if not self._stopping:
                 self._stopping = True
-                self._signal_name = signal.Signals(signum).name
+                self._signal_name = name
         elif signum == signal.SIGHUP:
             self._reload_queue = [pid for pid in self.workers if pid not in self._reload_queue]
         elif signum == signal.SIGUSR1:
@@ -202,7 +225,7 @@ class Supervisor:
 
     def _spawn(self) -> _Worker:
         ready_r, ready_w = os.pipe()
-        pid = os.fork()
+        pid = _fork()
         if pid == 0:  # the worker
             os.close(ready_r)
             status = 1
@@ -296,14 +319,29 @@ class Supervisor:
             self._replacing = self._spawn().pid
 
     def _stop_workers(self) -> None:
+        """Stop every worker: SIGTERM, and SIGKILL after ``--timeout-graceful-shutdown`` + 5 s.
+
+        A worker already told to stop (retiring after a reload) is not told again; the deadline
+        bounds its drain as any other's. SIGQUIT, or a second SIGINT, to the supervisor, before
+        or during the wait, sends SIGQUIT to every worker: stop now.
+        """
         name = getattr(self, "_signal_name", "")
         if name:
             error_logger.info("Received %s, shutting down workers", name)
-        for pid in list(self.workers):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        quick_sent = False
+        if not self._quick:
+            for pid in list(self.workers):
+                if pid not in self._retiring:  # a reload told it already; it is draining
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.config.timeout_graceful_shutdown + 5.0
         while self.workers and time.monotonic() < deadline:
+            if self._quick and not quick_sent:
+                quick_sent = True
+                error_logger.info("Received %s, stopping workers now", self._quick)
+                for pid in list(self.workers):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGQUIT)
             self._reap()
             if self.workers:
                 self._selector.select(timeout=0.1)
@@ -319,11 +357,18 @@ class Supervisor:
     # -- worker process -------------------------------------------------------------------------
 
     def _worker_main(self, ready_fd: int) -> int:
-        """The worker process after fork: import the app, serve, report ready on ``ready_fd``."""
+        """The worker process after fork: import the app, serve, report ready on ``ready_fd``.
+
+        Signals come blocked from :func:`_fork`. Those that :func:`asyncwsgi.server.run`
+        handles are kept by a :class:`_BootSignals` until its handlers are installed, so a
+        signal that arrives while the application is imported is acted on once the worker is
+        up; SIGHUP is the supervisor's alone.
+        """
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
+        boot_signals = _BootSignals()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -342,6 +387,8 @@ class Supervisor:
             return APP_LOAD_ERROR
         from .server import run
 
+        boot_signals.hand_over()
+
         def started() -> None:
             with contextlib.suppress(OSError):
                 os.write(ready_fd, b"R")
@@ -350,6 +397,63 @@ class Supervisor:
         sockets = self._sockets or None
         run(app, config=self.config, sockets=sockets, configure_logs=False, on_started=started)
         return 0
+
+
+def _fork() -> int:
+    """``os.fork()`` with the supervisor's signals blocked across it.
+
+    The parent unblocks them at once. The child starts with them blocked, so that none reaches
+    the supervisor's handlers in the child; it unblocks them once its own are installed
+    (:meth:`Supervisor._worker_main`).
+
+    Raises:
+        OSError: the fork failed (no memory, process limit).
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    pid = -1
+    try:
+        pid = os.fork()
+    finally:
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    return pid
+
+
+class _BootSignals:
+    """The signals a worker receives while it boots, kept for its event loop.
+
+    Installed as the handler of :data:`asyncwsgi.server.HANDLED_SIGNALS` in a new worker, it
+    records them while the application is imported. :meth:`hand_over` then blocks these signals
+    and raises the recorded ones again, so that they are pending when
+    :func:`asyncwsgi.server.run` has installed its handlers and unblocks them. Two SIGINTs
+    become one SIGQUIT, which the loop takes for the same "stop now" (the kernel keeps one
+    pending signal of each kind). Main thread of the worker.
+    """
+
+    def __init__(self) -> None:
+        from .server import HANDLED_SIGNALS
+
+        self.signals = HANDLED_SIGNALS
+        self.received: list[int] = []
+        self.handed_over = False
+        for signum in self.signals:
+            signal.signal(signum, self)
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.handed_over:
+            signal.raise_signal(signum)  # blocked in this thread: pending until run() unblocks
+        else:
+            self.received.append(signum)
+
+    def hand_over(self) -> None:
+        """Block the signals and make the ones received so far pending again (main thread)."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        self.handed_over = True
+        received = set(self.received)
+        if self.received.count(signal.SIGINT) > 1:
+            received.add(signal.SIGQUIT)
+        for signum in received:
+            signal.raise_signal(signum)
 
 
 class _ReloadFilter:

@@ -35,7 +35,7 @@ VERSION = "{version}"
 class Proc:
     """A server subprocess whose stderr lines are collected as they arrive."""
 
-    def __init__(self, args: list[str], cwd: Path) -> None:
+    def __init__(self, args: list[str], cwd: Path, *, new_session: bool = False) -> None:
         self.lines: list[str] = []
         self._queue: queue.Queue[str] = queue.Queue()
         self.proc = subprocess.Popen(
@@ -45,6 +45,7 @@ class Proc:
             stdout=subprocess.DEVNULL,
             text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+            start_new_session=new_session,  # its own process group, for killpg()
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
