@@ -47,6 +47,19 @@ _MERGE_BELOW = 512 * 1024
 # Reasons reading is paused; reading resumes when none is left.
 _PAUSE_PIPELINE = 1
 _PAUSE_BODY = 2
+# The transport's buffer is over write_high_water: the next request waits (see pause_writing).
+_PAUSE_WRITE = 4
+
+
+def _half_high_water(config: Config) -> int:
+    """Bytes of ``write_high_water`` for each of the two places unsent output waits.
+
+    Output waits in the transport's buffer, and in the :class:`ResponseSink` between the worker
+    and the loop. Each gets half of the mark: the worker stops handing over above its half, the
+    transport pauses the worker (and the next request) above its own, so a connection holds at
+    most ``write_high_water`` bytes plus the block handed over last.
+    """
+    return max(1, config.write_high_water // 2)
 
 
 class ServerState:
@@ -157,6 +170,7 @@ class HTTPChannel(asyncio.Protocol):
         "_proxy_reader",
         "_stall_since",
         "_stall_size",
+        "_write_paused",
         "base_environ",
         "can_sendfile",
         "client",
@@ -204,6 +218,8 @@ class HTTPChannel(asyncio.Protocol):
         self._stall_size = 0
         self._stall_since = 0.0
         self._paused = 0
+        #: Between the transport's pause_writing() and resume_writing().
+        self._write_paused = False
 
     # -- asyncio.Protocol callbacks --------------------------------------------------------
 
@@ -251,7 +267,7 @@ class HTTPChannel(asyncio.Protocol):
             transport.get_extra_info("sslcontext") is None
             and transport.get_extra_info("socket") is not None
         )
-        transport.set_write_buffer_limits(high=config.write_high_water)
+        transport.set_write_buffer_limits(high=_half_high_water(config))
         self.idle_since = self.loop.time()
         channels = self.state.channels
         channels.add(self)
@@ -344,16 +360,26 @@ class HTTPChannel(asyncio.Protocol):
         self._notify_idle()
 
     def pause_writing(self) -> None:
-        """The transport's buffer is over ``write_high_water``: make the worker wait."""
+        """The transport's buffer is over ``write_high_water``: make the worker wait.
+
+        asyncio and uvloop call this once, when the buffer crosses the mark, not once per
+        request: the channel keeps the state, so that a sink made later starts paused and the
+        next pipelined request is not started until :meth:`resume_writing`.
+        """
+        self._write_paused = True
         cycle = self.cycle
         if cycle is not None and cycle.sink is not None:
             cycle.sink.pause()
 
     def resume_writing(self) -> None:
-        """The transport's buffer drained: let the worker go on."""
+        """The transport's buffer drained: let the worker go on, or start the next request."""
+        self._write_paused = False
         cycle = self.cycle
         if cycle is not None and cycle.sink is not None:
             cycle.sink.resume()
+        if self._paused & _PAUSE_WRITE and cycle is None and not self.closing:
+            self._resume_reading(_PAUSE_WRITE)
+            self._next_request()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -433,8 +459,10 @@ class HTTPChannel(asyncio.Protocol):
         if self.proxy_headers is not None:
             self.proxy_headers.apply(environ)
         sink = cycle.sink = ResponseSink(
-            call, self, config.write_high_water, config.timeout_write, self.can_sendfile
+            call, self, _half_high_water(config), config.timeout_write, self.can_sendfile
         )
+        if self._write_paused:
+            sink.pause()
         environ["asyncwsgi.client_disconnected"] = sink.client_disconnected
         state.pool.submit(run_wsgi, state.app, environ, sink, cycle.started, config.timeout_queue)
 
@@ -617,9 +645,21 @@ class HTTPChannel(asyncio.Protocol):
             return
         conn.start_next_cycle()
         self.served = True
+        if self._write_paused:
+            # The client has not read what it was sent: its next request (pipelined, or still
+            # in the socket) waits until the buffer drains, or the memory of one connection
+            # would grow with every request it pipelines.
+            self._pause_reading(_PAUSE_WRITE)
+            self._resume_reading(_PAUSE_PIPELINE | _PAUSE_BODY)
+            return
+        self._resume_reading(_PAUSE_PIPELINE | _PAUSE_BODY)
+        self._next_request()
+
+    def _next_request(self) -> None:
+        """Wait for the next request on a keep-alive connection; start one already received."""
+        conn = self.conn
         self.idle_since = self.loop.time()
         self._notify_idle()
-        self._resume_reading(_PAUSE_PIPELINE | _PAUSE_BODY)
         if not conn.has_unparsed_data and not self._peer_eof:
             return  # the usual case: nothing of a next request yet, h11 has nothing to say
         try:
@@ -856,8 +896,8 @@ class HTTPChannel(asyncio.Protocol):
             elif now - self._linger_since >= config.timeout_linger:
                 self.abort()
             return
-        if self.closing:
-            return
+        if self.closing or self._paused & _PAUSE_WRITE:
+            return  # waiting for the client to read: the stall check above applies
         if cycle is None:
             header_timeout = config.timeout_request_header
             idle_since = self.idle_since

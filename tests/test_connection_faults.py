@@ -1,0 +1,164 @@
+"""Faults of one connection over real sockets on 127.0.0.1:0: clients that stop reading while
+they pipeline, graceful shutdown with responses still on their way, files that change while
+sendfile(2) sends them, and queued requests whose client is gone.
+
+The server runs in the test's process, so the tests look at its connections directly (the
+transport's write buffer, the requests handed to the pool) and synchronise on events: bytes on
+the wire, log lines, threading events set by the application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import pytest
+
+from asyncwsgi.channel import ServerState
+from asyncwsgi.wsgi import run_wsgi
+
+from .helpers import TIMEOUT, decode_replies, running
+from .logwatch import watch_errors
+from .test_server import _in_loop
+
+Environ = dict[str, Any]
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def small_window_socket(port: int) -> socket.socket:
+    """A client socket connected to ``port`` with a 4 KiB receive buffer, set before connect
+    so that the window it advertises stays small: a client that reads slowly, or not at all."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KiB)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def request(path: str, close: bool = False) -> bytes:
+    extra = "Connection: close\r\n" if close else ""
+    return f"GET {path} HTTP/1.1\r\nHost: t\r\n{extra}\r\n".encode()
+
+
+class Pipeline:
+    """An app with an in-memory body (``/big``) and a streamed one (``/stream``), which records
+    the connection's unsent output (the transport's write buffer, on the loop) before each
+    block it yields, and the paths it was called for.
+
+    Args:
+        big: bytes of the ``/big`` list body, handed over as one block.
+        stream: bytes of the ``/stream`` body, yielded in ``block``-byte blocks.
+    """
+
+    def __init__(self, big: int, stream: int, block: int) -> None:
+        self.big = big
+        self.stream = stream
+        self.block = block
+        self.calls: list[str] = []
+        self.buffered: list[int] = []  # transport buffer sizes, sampled on the loop
+        self.state: ServerState | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def sample(self) -> None:
+        """Loop thread: record the unsent output of each open connection, in the transport's
+        buffer and handed over by the worker but not yet written."""
+        assert self.state is not None
+        for channel in self.state.channels:
+            if channel.transport is not None:
+                unsent = channel.transport.get_write_buffer_size()
+                if channel.cycle is not None and channel.cycle.sink is not None:
+                    unsent += channel.cycle.sink.handed - channel.cycle.sink.done
+                self.buffered.append(unsent)
+
+    def __call__(self, environ: Environ, start_response: Any) -> Iterable[bytes]:
+        path = environ["PATH_INFO"]
+        self.calls.append(path)
+        if path == "/big":
+            start_response("200 OK", [("Content-Length", str(self.big))])
+            return [b"b" * self.big]
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return self._blocks()
+
+    def _blocks(self) -> Iterator[bytes]:
+        assert self.loop is not None
+        for _ in range(self.stream // self.block):
+            self.loop.call_soon_threadsafe(self.sample)
+            yield b"s" * self.block
+
+
+def watch_dispatch(state: ServerState, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the connection's write buffer each time a request is handed to the pool."""
+    at_dispatch: list[int] = []
+    submit = state.pool.submit
+
+    def recording(fn: Any, *args: Any) -> None:
+        if fn is run_wsgi:
+            for channel in state.channels:
+                assert channel.transport is not None
+                at_dispatch.append(channel.transport.get_write_buffer_size())
+        submit(fn, *args)
+
+    monkeypatch.setattr(state.pool, "submit", recording)
+    return at_dispatch
+
+
+# -- a pipelining client that does not read ---------------------------------------------------
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+async def test_next_pipelined_request_waits_until_the_client_has_read(
+    monkeypatch: pytest.MonkeyPatch, loop_name: str
+) -> None:
+    """asyncio and uvloop call pause_writing() once, when the buffer first crosses the mark:
+    the request after a large response must not start (and its response must not pile up)
+    until the client has read the buffer down; then everything arrives, in order."""
+    high = 64 * KiB
+    app = Pipeline(big=4 * MiB, stream=4 * MiB, block=64 * KiB)
+
+    async def scenario() -> tuple[list[Any], list[int]]:
+        async with running(app, write_high_water=high) as srv:
+            app.state = srv.server.state
+            app.loop = asyncio.get_running_loop()
+            at_dispatch = watch_dispatch(srv.server.state, monkeypatch)
+            sock = small_window_socket(srv.port)
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(
+                request("/big") + request("/stream") + request("/big") + request("/big", True)
+            )
+            data = await asyncio.wait_for(reader.read(-1), 6 * TIMEOUT)
+            writer.close()
+        return decode_replies(data), at_dispatch
+
+    replies, at_dispatch = await _in_loop(loop_name, scenario)
+    assert [len(r.body) for r in replies] == [4 * MiB] * 4
+    assert app.calls == ["/big", "/stream", "/big", "/big"]
+    # Each request started with the buffer below the high-water mark...
+    assert len(at_dispatch) == 4
+    assert max(at_dispatch) <= high, at_dispatch
+    # ...and while streaming, the buffer held at most the mark plus one block (and framing).
+    assert app.buffered
+    assert max(app.buffered) <= high + app.block + KiB, max(app.buffered)
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+async def test_client_that_pipelines_and_never_reads_is_cut_after_one_response(
+    loop_name: str,
+) -> None:
+    """The connection's memory stays at one response: the pipelined requests behind it are
+    never run, and --timeout-write cuts the connection once its output stops moving."""
+    app = Pipeline(big=4 * MiB, stream=16 * MiB, block=64 * KiB)
+
+    async def scenario() -> list[str]:
+        with watch_errors() as log:
+            async with running(app, write_high_water=64 * KiB, timeout_write=0.3) as srv:
+                app.state = srv.server.state
+                app.loop = asyncio.get_running_loop()
+                sock = small_window_socket(srv.port)
+                sock.sendall(b"".join(request(p) for p in ["/big", "/stream", "/big", "/big"]))
+                await log.wait_for("(--timeout-write); closing the connection")
+                sock.close()
+        return app.calls
+
+    assert await _in_loop(loop_name, scenario) == ["/big"]
