@@ -16,11 +16,14 @@ from typing import Any
 
 import pytest
 
+from asyncwsgi import Config, Server
 from asyncwsgi.channel import ServerState
 from asyncwsgi.wsgi import run_wsgi
 
+from . import apps
 from .helpers import TIMEOUT, decode_replies, running
 from .logwatch import watch_errors
+from .test_limits import read_to_end
 from .test_server import _in_loop
 
 Environ = dict[str, Any]
@@ -35,6 +38,17 @@ def small_window_socket(port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KiB)
     sock.connect(("127.0.0.1", port))
     return sock
+
+
+async def count_to_end(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """Read until the server closes; return the byte count and whether it ended in a reset."""
+    received = 0
+    try:
+        while chunk := await asyncio.wait_for(reader.read(MiB), TIMEOUT):
+            received += len(chunk)
+    except ConnectionResetError:
+        return received, True
+    return received, False
 
 
 def request(path: str, close: bool = False) -> bytes:
@@ -162,3 +176,63 @@ async def test_client_that_pipelines_and_never_reads_is_cut_after_one_response(
         return app.calls
 
     assert await _in_loop(loop_name, scenario) == ["/big"]
+
+
+# -- graceful shutdown --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+async def test_graceful_shutdown_delivers_a_response_still_being_sent(loop_name: str) -> None:
+    """The app is done and the connection is back to keep-alive, but most of the response is
+    still in the server's buffer (more than the sockets hold): the shutdown waits until the
+    client has read it all."""
+    size = 48 * MiB
+
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Length", str(size))])
+        return [b"r" * size]
+
+    async def scenario() -> tuple[int, bool]:
+        # A mark above the body: the connection is idle, not waiting for the client to read.
+        server = Server(app, Config(host="127.0.0.1", port=0, write_high_water=4 * size))
+        await server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.addresses[0][1])
+        writer.write(request("/"))
+        # The whole list body went to the transport in the same write as the head.
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        shutdown = asyncio.ensure_future(server.shutdown(3 * TIMEOUT))
+        received, reset = await count_to_end(reader)
+        await asyncio.wait_for(shutdown, TIMEOUT)
+        writer.close()
+        return received, reset
+
+    assert await _in_loop(loop_name, scenario) == (size, False)
+
+
+async def test_graceful_shutdown_lets_a_lingering_connection_finish() -> None:
+    """After a 413 the server half-closes and reads what the client still sends, so that the
+    413 is not lost to a reset: a shutdown lets it go on until the client has finished."""
+    server = Server(
+        apps.echo, Config(host="127.0.0.1", port=0, limit_request_body=1000, timeout_linger=30)
+    )
+    await server.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.addresses[0][1])
+    writer.write(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 8000000\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 413 ")
+    with watch_errors() as log:
+        shutdown = asyncio.ensure_future(server.shutdown(3 * TIMEOUT))
+        waiting = asyncio.ensure_future(log.wait_for("Waiting for 1 connection(s) to finish"))
+        # Either the shutdown waits for the connection, or it has already returned.
+        await asyncio.wait({shutdown, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+    assert not shutdown.done()
+    for _ in range(32):  # 2 MiB more: the server reads it and throws it away
+        writer.write(b"\0" * 65536)
+        await asyncio.wait_for(writer.drain(), TIMEOUT)
+    writer.write_eof()
+    rest, reset = await read_to_end(reader)
+    assert rest.endswith(b"request body too large\n")
+    assert not reset
+    await asyncio.wait_for(shutdown, TIMEOUT)
+    writer.close()
