@@ -591,6 +591,11 @@ class HTTPChannel(asyncio.Protocol):
                 error_logger.error("sendfile failed for %s: %s", self._request_line(cycle), error)
             self.abort()
             return
+        if sender.left:
+            # The file shrank after its size was taken: sendfile(2) found its end early. The
+            # Content-Length promised more, so the connection must close after what was sent.
+            self._end_response(cycle, None)
+            return
         self._end_file_response(cycle)
 
     def _end_file_response(self, cycle: _Cycle) -> None:
@@ -994,7 +999,7 @@ class _FileSender:
         try:
             while self.left > 0:
                 sent = sendfile(self._out_fd, self._in_fd, self.offset, self.left)
-                if sent == 0:  # the file is shorter than it was
+                if sent == 0:  # the file is shorter than it was: ``left`` stays non-zero
                     break
                 self.offset += sent
                 self.left -= sent

@@ -10,8 +10,12 @@ the wire, log lines, threading events set by the application.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import socket
+import threading
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +25,7 @@ from asyncwsgi.channel import ServerState
 from asyncwsgi.wsgi import run_wsgi
 
 from . import apps
-from .helpers import TIMEOUT, decode_replies, running
+from .helpers import TIMEOUT, decode_replies, exchange, running
 from .logwatch import watch_errors
 from .test_limits import read_to_end
 from .test_server import _in_loop
@@ -236,3 +240,99 @@ async def test_graceful_shutdown_lets_a_lingering_connection_finish() -> None:
     assert not reset
     await asyncio.wait_for(shutdown, TIMEOUT)
     writer.close()
+
+
+# -- a file that changes while sendfile(2) sends it --------------------------------------------
+
+
+class ChangingFile:
+    """A file for ``wsgi.file_wrapper`` that changes size once the server has measured it:
+    ``sendfile_range()`` calls ``fstat`` and then ``tell``, and ``tell`` truncates or extends
+    the file, so the response promises the old size and sendfile finds the new one.
+
+    Args:
+        path: the file, ``size`` bytes long.
+        new_size: its size from the first ``tell()`` on.
+    """
+
+    def __init__(self, path: Path, new_size: int) -> None:
+        self.path = path
+        self.new_size = new_size
+        self.f = path.open("rb")
+        self.closed = threading.Event()
+
+    def read(self, size: int = -1) -> bytes:
+        return self.f.read(size)
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+    def tell(self) -> int:
+        with self.path.open("r+b") as f:
+            if self.new_size > f.seek(0, 2):
+                f.write(b"+" * (self.new_size - f.tell()))
+            else:
+                f.truncate(self.new_size)
+        return self.f.tell()
+
+    def close(self) -> None:
+        self.f.close()
+        self.closed.set()
+
+
+def file_app(path: Path, new_size: int) -> tuple[Any, list[ChangingFile]]:
+    """``/file`` sends ``path`` by sendfile, resized to ``new_size`` meanwhile; else hello."""
+    opened: list[ChangingFile] = []
+
+    def app(environ: Environ, start_response: Any) -> Any:
+        if environ["PATH_INFO"] != "/file":
+            return apps.hello(environ, start_response)
+        size = path.stat().st_size
+        start_response("200 OK", [("Content-Length", str(size))])
+        opened.append(ChangingFile(path, new_size))
+        return environ["wsgi.file_wrapper"](opened[-1])
+
+    return app, opened
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+async def test_file_that_shrinks_during_sendfile_closes_the_connection(
+    tmp_path: Path, loop_name: str
+) -> None:
+    """The body falls short of its Content-Length: the connection closes after it, and the
+    response pipelined behind it is not sent (the client would read it as the rest of the
+    body)."""
+    path = tmp_path / "shrinks.bin"
+    content = os.urandom(64 * KiB) * 64  # 4 MiB
+    path.write_bytes(content)
+    app, opened = file_app(path, MiB)
+
+    async def scenario() -> tuple[bytes, list[str]]:
+        with watch_errors() as log:
+            async with running(app) as srv:
+                data = await exchange(srv.port, request("/file") + request("/hello", True))
+        return data, log.messages(logging.ERROR)
+
+    data, errors = await _in_loop(loop_name, scenario)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert f"content-length: {len(content)}".encode() in head.lower()
+    assert body == content[:MiB]
+    assert errors == [
+        "Response to GET /file is shorter than its Content-Length; closing the connection"
+    ]
+    assert opened[0].closed.is_set()
+
+
+async def test_file_that_grows_during_sendfile_sends_only_its_content_length(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "grows.bin"
+    content = os.urandom(64 * KiB) * 16  # 1 MiB
+    path.write_bytes(content)
+    app, opened = file_app(path, 2 * MiB)
+    async with running(app) as srv:
+        data = await exchange(srv.port, request("/file") + request("/hello", True))
+    first, second = decode_replies(data)
+    assert first.body == content
+    assert second.body == b"Hello, world!"
+    assert opened[0].closed.is_set()
