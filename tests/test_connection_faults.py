@@ -336,3 +336,60 @@ async def test_file_that_grows_during_sendfile_sends_only_its_content_length(
     assert first.body == content
     assert second.body == b"Hello, world!"
     assert opened[0].closed.is_set()
+
+
+# -- queued requests whose client is gone -------------------------------------------------------
+
+
+async def test_shutdown_never_runs_the_app_for_a_connection_it_has_cut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One thread, busy past the shutdown timeout, and two requests queued behind it: the
+    shutdown cuts all three connections, and the queued requests, taken afterwards (by the
+    shutdown itself, the thread being busy), never reach the application."""
+    calls: list[str] = []
+    entered = threading.Event()
+    release = threading.Event()
+    closed = threading.Event()
+
+    class Body(list[bytes]):
+        def close(self) -> None:
+            closed.set()
+
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        calls.append(environ["PATH_INFO"])
+        if environ["PATH_INFO"] == "/block":
+            entered.set()
+            release.wait(TIMEOUT)
+        start_response("200 OK", [("Content-Length", "2")])
+        return Body([b"ok"])
+
+    server = Server(app, Config(host="127.0.0.1", port=0, threads=1, timeout_queue=0))
+    await server.start()
+    queued = asyncio.Event()
+    submitted: list[Any] = []
+    submit = server.state.pool.submit
+
+    def counting(fn: Any, *args: Any) -> None:
+        submit(fn, *args)
+        if fn is run_wsgi:
+            submitted.append(fn)
+            if len(submitted) == 3:
+                queued.set()
+
+    monkeypatch.setattr(server.state.pool, "submit", counting)
+    port = server.addresses[0][1]
+    clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+    clients[0][1].write(request("/block"))
+    assert await asyncio.to_thread(entered.wait, TIMEOUT)
+    clients[1][1].write(request("/queued-1"))
+    clients[2][1].write(request("/queued-2"))
+    await asyncio.wait_for(queued.wait(), TIMEOUT)
+    await asyncio.wait_for(server.shutdown(0.2), TIMEOUT)
+    for reader, _ in clients:
+        assert await read_to_end(reader) in ((b"", False), (b"", True))  # cut, unanswered
+    release.set()  # the busy thread finishes; the queued calls were taken meanwhile
+    assert await asyncio.to_thread(closed.wait, TIMEOUT)
+    for _, writer in clients:
+        writer.close()
+    assert calls == ["/block"]
