@@ -44,6 +44,10 @@ _JOIN_BELOW = 16 * 1024
 # Body blocks handed over together, up to this many bytes, are framed and written as one.
 _MERGE_BELOW = 512 * 1024
 
+# Bytes sendfile(2) sends per writable event before the loop runs its other callbacks (nginx's
+# sendfile_max_chunk): a fast reader of a large file must not keep other connections waiting.
+_SENDFILE_MAX_CHUNK = 1024 * 1024
+
 # Reasons reading is paused; reading resumes when none is left.
 _PAUSE_PIPELINE = 1
 _PAUSE_BODY = 2
@@ -960,8 +964,9 @@ class _FileSender:
     uvloop has no ``loop.sendfile()`` (MagicStack/uvloop#228), and the transport owns its file
     descriptor's polling. So the socket is duplicated (``os.dup``) and the duplicate watched for
     writability with ``loop.add_writer``; each time it is writable and the transport's own buffer
-    is empty, ``os.sendfile`` copies file pages to the socket without passing through Python.
-    This works the same under uvloop and asyncio.
+    is empty, ``os.sendfile`` copies file pages to the socket without passing through Python, up
+    to ``_SENDFILE_MAX_CHUNK`` bytes per event, so that the loop serves its other connections in
+    between. This works the same under uvloop and asyncio.
     """
 
     __slots__ = ("_dup", "_in_fd", "_out_fd", "channel", "done", "left", "offset", "wrapper")
@@ -996,13 +1001,17 @@ class _FileSender:
         if transport is None or transport.get_write_buffer_size():
             return  # the head is still buffered in the transport; wait until it has gone out
         sendfile: Callable[[int, int, int, int], int] = os.sendfile
+        budget = _SENDFILE_MAX_CHUNK
         try:
             while self.left > 0:
-                sent = sendfile(self._out_fd, self._in_fd, self.offset, self.left)
+                sent = sendfile(self._out_fd, self._in_fd, self.offset, min(self.left, budget))
                 if sent == 0:  # the file is shorter than it was: ``left`` stays non-zero
                     break
                 self.offset += sent
                 self.left -= sent
+                budget -= sent
+                if budget <= 0 and self.left:
+                    return  # the rest on the next writable event, after the other callbacks
         except BlockingIOError:
             return
         except OSError as exc:

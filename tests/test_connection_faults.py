@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import socket
 import threading
 from collections.abc import Iterable, Iterator
@@ -393,3 +394,68 @@ async def test_shutdown_never_runs_the_app_for_a_connection_it_has_cut(
     for _, writer in clients:
         writer.close()
     assert calls == ["/block"]
+
+
+# -- sendfile shares the loop -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+async def test_other_connections_are_served_while_a_large_file_goes_to_a_fast_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop_name: str
+) -> None:
+    """sendfile(2) must give the loop back now and then, not send until the socket is full:
+    with a reader that keeps up (here: a sendfile that waits for the socket instead of
+    failing with EAGAIN, so the socket never looks full), another connection's request
+    is answered before the last byte of the large file has been sent."""
+    size = 256 * MiB
+    path = tmp_path / "large.bin"
+    with path.open("wb") as f:
+        f.truncate(size)  # sparse: no disk space, and the page cache fills it with zeros
+    real = os.sendfile
+    started = threading.Event()
+    finished: list[str] = []
+
+    def sendfile_for_a_fast_reader(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        started.set()
+        done = 0
+        while done < count:
+            try:
+                sent = real(out_fd, in_fd, offset + done, count - done)
+            except BlockingIOError:
+                select.select([], [out_fd], [], TIMEOUT)
+                continue
+            if not sent:
+                break
+            done += sent
+        if offset + done == size:
+            finished.append("file")  # on the loop: its last byte is in the socket
+        return done
+
+    monkeypatch.setattr(os, "sendfile", sendfile_for_a_fast_reader)
+    app, _ = file_app(path, size)
+
+    def download(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(request("/file", True))
+            buffer = bytearray(MiB)
+            while sock.recv_into(buffer):
+                pass
+
+    def hello(port: int) -> None:
+        assert started.wait(TIMEOUT)
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(request("/hello", True))
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        assert data.endswith(b"Hello, world!")
+        finished.append("hello")  # the whole response has arrived
+
+    async def scenario() -> None:
+        async with running(app) as srv:
+            await asyncio.gather(
+                asyncio.to_thread(download, srv.port), asyncio.to_thread(hello, srv.port)
+            )
+
+    await _in_loop(loop_name, scenario)
+    assert finished == ["hello", "file"]
