@@ -172,9 +172,11 @@ class HTTPChannel(asyncio.Protocol):
         "_paused",
         "_peer_eof",
         "_proxy_reader",
+        "_stall_drained",
         "_stall_since",
         "_stall_size",
         "_write_paused",
+        "_written",
         "base_environ",
         "can_sendfile",
         "client",
@@ -216,11 +218,14 @@ class HTTPChannel(asyncio.Protocol):
         self.lingering = False
         self._linger_since = 0.0
         self._peer_eof = False
-        # Sweep-observed: since when a request head has been incomplete, and since when the
-        # unsent output has stayed at _stall_size bytes.
+        # Sweep-observed: since when a request head has been incomplete; the unsent output and
+        # the bytes drained at the last sweep, and since when none has drained.
         self._head_since: float | None = None
         self._stall_size = 0
+        self._stall_drained = 0
         self._stall_since = 0.0
+        #: Bytes handed to the transport, and sent by sendfile, over the connection's life.
+        self._written = 0
         self._paused = 0
         #: Between the transport's pause_writing() and resume_writing().
         self._write_paused = False
@@ -476,7 +481,9 @@ class HTTPChannel(asyncio.Protocol):
         """Send ``100 Continue`` if the client still waits for it (the app began reading)."""
         if not self.closing and self.conn.they_are_waiting_for_100_continue:
             assert self.transport is not None
-            self.transport.write(self.conn.send_continue())
+            data = self.conn.send_continue()
+            self._written += len(data)
+            self.transport.write(data)
 
     def resume_body(self) -> None:
         """The app consumed buffered body bytes: read the socket again."""
@@ -529,6 +536,7 @@ class HTTPChannel(asyncio.Protocol):
             out.append(tail)
         transport = self.transport
         assert transport is not None
+        self._written += sum(map(len, out))
         if len(out) == 1:
             transport.write(out[0])
         elif nbytes <= _JOIN_BELOW:
@@ -554,16 +562,16 @@ class HTTPChannel(asyncio.Protocol):
         try:
             transport = self.transport
             assert transport is not None
-            transport.write(
-                conn.send_response(
-                    status,
-                    reason,
-                    headers,
-                    self.state.date_header,
-                    count,
-                    close=self.state.shutting_down,
-                )
+            data = conn.send_response(
+                status,
+                reason,
+                headers,
+                self.state.date_header,
+                count,
+                close=self.state.shutting_down,
             )
+            self._written += len(data)
+            transport.write(data)
             left = conn.bytes_left
             count = min(count, left if left is not None else count)
             if count:
@@ -606,6 +614,7 @@ class HTTPChannel(asyncio.Protocol):
         tail = self.conn.send_end()
         if tail:
             assert self.transport is not None
+            self._written += len(tail)
             self.transport.write(tail)
         self._end_response(cycle, tail)
 
@@ -737,6 +746,7 @@ class HTTPChannel(asyncio.Protocol):
                 cycle.body.disconnect("invalid request body")
         data = self.conn.send_rejection(exc.status, exc.reason, self.state.date_header)
         if data and self.transport is not None and not self.closing:
+            self._written += len(data)
             self.transport.write(data)
         self._close_after_response()
 
@@ -759,7 +769,9 @@ class HTTPChannel(asyncio.Protocol):
             return
         cycle.status = status
         assert self.transport is not None
-        self.transport.write(b"".join(out))
+        data = b"".join(out)
+        self._written += len(data)
+        self.transport.write(data)
         self._finish_cycle(cycle, keep_alive=False)
 
     def _overloaded(self, cycle: _Cycle) -> None:
@@ -788,6 +800,7 @@ class HTTPChannel(asyncio.Protocol):
             408, "request head not complete in time", self.state.date_header
         )
         if data and self.transport is not None:
+            self._written += len(data)
             self.transport.write(data)
         self._linger()  # the client may be sending the rest of its head
 
@@ -871,8 +884,9 @@ class HTTPChannel(asyncio.Protocol):
         timestamps the connection keeps, so no request arms a timer. It closes a connection
         idle past ``timeout_keep_alive``, answers 408 to a head incomplete past
         ``timeout_request_header`` and 504 to a request without a response head past
-        ``timeout_request``, cuts a connection whose unsent output has not moved for
-        ``timeout_write`` (a response, a sendfile or a closing connection's last bytes), and
+        ``timeout_request``, cuts a connection with unsent output of which no byte has been
+        sent for ``timeout_write`` however its buffer changed (a response, a sendfile or a
+        closing connection's last bytes), and
         ends a lingering close after ``timeout_linger``.
 
         Args:
@@ -885,12 +899,16 @@ class HTTPChannel(asyncio.Protocol):
         config = self.config
         cycle = self.cycle
         pending = transport.get_write_buffer_size()
+        # Progress is bytes leaving the buffer (or sent by sendfile), not a buffer that changes:
+        # one that only grows, an app trickling output to a client that reads nothing, is stalled.
+        drained = self._written - pending
         if cycle is not None and cycle.file_sender is not None:
             pending += cycle.file_sender.left
-        if pending != self._stall_size:
-            self._stall_size = pending
-            self._stall_since = now
-        elif pending and config.timeout_write and now - self._stall_since >= config.timeout_write:
+        if drained != self._stall_drained or not self._stall_size:
+            self._stall_since = now  # progress, or nothing was waiting at the last sweep
+        self._stall_drained = drained
+        self._stall_size = pending
+        if pending and config.timeout_write and now - self._stall_since >= config.timeout_write:
             if error_logger.isEnabledFor(logging.INFO):
                 error_logger.info(
                     "Client %s read nothing for %g s (--timeout-write); closing the connection",
@@ -1009,6 +1027,7 @@ class _FileSender:
                     break
                 self.offset += sent
                 self.left -= sent
+                self.channel._written += sent
                 budget -= sent
                 if budget <= 0 and self.left:
                     return  # the rest on the next writable event, after the other callbacks

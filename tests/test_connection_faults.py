@@ -459,3 +459,31 @@ async def test_other_connections_are_served_while_a_large_file_goes_to_a_fast_re
 
     await _in_loop(loop_name, scenario)
     assert finished == ["hello", "file"]
+
+
+# -- --timeout-write measures progress -----------------------------------------------------------
+
+
+async def test_write_timeout_cuts_a_client_that_reads_nothing_while_the_app_trickles() -> None:
+    """A buffer that only grows is no progress: an app that writes a byte now and then to a
+    client that reads nothing (a heartbeat to a vanished client) is stopped by
+    --timeout-write, not kept forever because the buffer keeps changing."""
+    stopped = threading.Event()
+
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+        yield b"x" * (8 * MiB)  # more than the sockets hold: the rest waits in the server
+        try:
+            while True:
+                yield b":\n"
+                stopped.wait(0.01)  # the app's pace, not a synchronisation
+        finally:
+            stopped.set()
+
+    with watch_errors() as log:
+        async with running(app, write_high_water=64 * MiB, timeout_write=0.3) as srv:
+            sock = small_window_socket(srv.port)
+            sock.sendall(request("/"))
+            await log.wait_for("(--timeout-write); closing the connection")
+            assert await asyncio.to_thread(stopped.wait, TIMEOUT)
+            sock.close()
