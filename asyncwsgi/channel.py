@@ -44,9 +44,26 @@ _JOIN_BELOW = 16 * 1024
 # Body blocks handed over together, up to this many bytes, are framed and written as one.
 _MERGE_BELOW = 512 * 1024
 
+# Bytes sendfile(2) sends per writable event before the loop runs its other callbacks (nginx's
+# sendfile_max_chunk): a fast reader of a large file must not keep other connections waiting.
+_SENDFILE_MAX_CHUNK = 1024 * 1024
+
 # Reasons reading is paused; reading resumes when none is left.
 _PAUSE_PIPELINE = 1
 _PAUSE_BODY = 2
+# The transport's buffer is over write_high_water: the next request waits (see pause_writing).
+_PAUSE_WRITE = 4
+
+
+def _half_high_water(config: Config) -> int:
+    """Bytes of ``write_high_water`` for each of the two places unsent output waits.
+
+    Output waits in the transport's buffer, and in the :class:`ResponseSink` between the worker
+    and the loop. Each gets half of the mark: the worker stops handing over above its half, the
+    transport pauses the worker (and the next request) above its own, so a connection holds at
+    most ``write_high_water`` bytes plus the block handed over last.
+    """
+    return max(1, config.write_high_water // 2)
 
 
 class ServerState:
@@ -155,8 +172,11 @@ class HTTPChannel(asyncio.Protocol):
         "_paused",
         "_peer_eof",
         "_proxy_reader",
+        "_stall_drained",
         "_stall_since",
         "_stall_size",
+        "_write_paused",
+        "_written",
         "base_environ",
         "can_sendfile",
         "client",
@@ -198,12 +218,17 @@ class HTTPChannel(asyncio.Protocol):
         self.lingering = False
         self._linger_since = 0.0
         self._peer_eof = False
-        # Sweep-observed: since when a request head has been incomplete, and since when the
-        # unsent output has stayed at _stall_size bytes.
+        # Sweep-observed: since when a request head has been incomplete; the unsent output and
+        # the bytes drained at the last sweep, and since when none has drained.
         self._head_since: float | None = None
         self._stall_size = 0
+        self._stall_drained = 0
         self._stall_since = 0.0
+        #: Bytes handed to the transport, and sent by sendfile, over the connection's life.
+        self._written = 0
         self._paused = 0
+        #: Between the transport's pause_writing() and resume_writing().
+        self._write_paused = False
 
     # -- asyncio.Protocol callbacks --------------------------------------------------------
 
@@ -251,7 +276,7 @@ class HTTPChannel(asyncio.Protocol):
             transport.get_extra_info("sslcontext") is None
             and transport.get_extra_info("socket") is not None
         )
-        transport.set_write_buffer_limits(high=config.write_high_water)
+        transport.set_write_buffer_limits(high=_half_high_water(config))
         self.idle_since = self.loop.time()
         channels = self.state.channels
         channels.add(self)
@@ -344,16 +369,26 @@ class HTTPChannel(asyncio.Protocol):
         self._notify_idle()
 
     def pause_writing(self) -> None:
-        """The transport's buffer is over ``write_high_water``: make the worker wait."""
+        """The transport's buffer is over ``write_high_water``: make the worker wait.
+
+        asyncio and uvloop call this once, when the buffer crosses the mark, not once per
+        request: the channel keeps the state, so that a sink made later starts paused and the
+        next pipelined request is not started until :meth:`resume_writing`.
+        """
+        self._write_paused = True
         cycle = self.cycle
         if cycle is not None and cycle.sink is not None:
             cycle.sink.pause()
 
     def resume_writing(self) -> None:
-        """The transport's buffer drained: let the worker go on."""
+        """The transport's buffer drained: let the worker go on, or start the next request."""
+        self._write_paused = False
         cycle = self.cycle
         if cycle is not None and cycle.sink is not None:
             cycle.sink.resume()
+        if self._paused & _PAUSE_WRITE and cycle is None and not self.closing:
+            self._resume_reading(_PAUSE_WRITE)
+            self._next_request()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -433,8 +468,10 @@ class HTTPChannel(asyncio.Protocol):
         if self.proxy_headers is not None:
             self.proxy_headers.apply(environ)
         sink = cycle.sink = ResponseSink(
-            call, self, config.write_high_water, config.timeout_write, self.can_sendfile
+            call, self, _half_high_water(config), config.timeout_write, self.can_sendfile
         )
+        if self._write_paused:
+            sink.pause()
         environ["asyncwsgi.client_disconnected"] = sink.client_disconnected
         state.pool.submit(run_wsgi, state.app, environ, sink, cycle.started, config.timeout_queue)
 
@@ -444,7 +481,9 @@ class HTTPChannel(asyncio.Protocol):
         """Send ``100 Continue`` if the client still waits for it (the app began reading)."""
         if not self.closing and self.conn.they_are_waiting_for_100_continue:
             assert self.transport is not None
-            self.transport.write(self.conn.send_continue())
+            data = self.conn.send_continue()
+            self._written += len(data)
+            self.transport.write(data)
 
     def resume_body(self) -> None:
         """The app consumed buffered body bytes: read the socket again."""
@@ -497,6 +536,7 @@ class HTTPChannel(asyncio.Protocol):
             out.append(tail)
         transport = self.transport
         assert transport is not None
+        self._written += sum(map(len, out))
         if len(out) == 1:
             transport.write(out[0])
         elif nbytes <= _JOIN_BELOW:
@@ -522,16 +562,16 @@ class HTTPChannel(asyncio.Protocol):
         try:
             transport = self.transport
             assert transport is not None
-            transport.write(
-                conn.send_response(
-                    status,
-                    reason,
-                    headers,
-                    self.state.date_header,
-                    count,
-                    close=self.state.shutting_down,
-                )
+            data = conn.send_response(
+                status,
+                reason,
+                headers,
+                self.state.date_header,
+                count,
+                close=self.state.shutting_down,
             )
+            self._written += len(data)
+            transport.write(data)
             left = conn.bytes_left
             count = min(count, left if left is not None else count)
             if count:
@@ -563,12 +603,18 @@ class HTTPChannel(asyncio.Protocol):
                 error_logger.error("sendfile failed for %s: %s", self._request_line(cycle), error)
             self.abort()
             return
+        if sender.left:
+            # The file shrank after its size was taken: sendfile(2) found its end early. The
+            # Content-Length promised more, so the connection must close after what was sent.
+            self._end_response(cycle, None)
+            return
         self._end_file_response(cycle)
 
     def _end_file_response(self, cycle: _Cycle) -> None:
         tail = self.conn.send_end()
         if tail:
             assert self.transport is not None
+            self._written += len(tail)
             self.transport.write(tail)
         self._end_response(cycle, tail)
 
@@ -617,9 +663,21 @@ class HTTPChannel(asyncio.Protocol):
             return
         conn.start_next_cycle()
         self.served = True
+        if self._write_paused:
+            # The client has not read what it was sent: its next request (pipelined, or still
+            # in the socket) waits until the buffer drains, or the memory of one connection
+            # would grow with every request it pipelines.
+            self._pause_reading(_PAUSE_WRITE)
+            self._resume_reading(_PAUSE_PIPELINE | _PAUSE_BODY)
+            return
+        self._resume_reading(_PAUSE_PIPELINE | _PAUSE_BODY)
+        self._next_request()
+
+    def _next_request(self) -> None:
+        """Wait for the next request on a keep-alive connection; start one already received."""
+        conn = self.conn
         self.idle_since = self.loop.time()
         self._notify_idle()
-        self._resume_reading(_PAUSE_PIPELINE | _PAUSE_BODY)
         if not conn.has_unparsed_data and not self._peer_eof:
             return  # the usual case: nothing of a next request yet, h11 has nothing to say
         try:
@@ -688,6 +746,7 @@ class HTTPChannel(asyncio.Protocol):
                 cycle.body.disconnect("invalid request body")
         data = self.conn.send_rejection(exc.status, exc.reason, self.state.date_header)
         if data and self.transport is not None and not self.closing:
+            self._written += len(data)
             self.transport.write(data)
         self._close_after_response()
 
@@ -710,7 +769,9 @@ class HTTPChannel(asyncio.Protocol):
             return
         cycle.status = status
         assert self.transport is not None
-        self.transport.write(b"".join(out))
+        data = b"".join(out)
+        self._written += len(data)
+        self.transport.write(data)
         self._finish_cycle(cycle, keep_alive=False)
 
     def _overloaded(self, cycle: _Cycle) -> None:
@@ -739,6 +800,7 @@ class HTTPChannel(asyncio.Protocol):
             408, "request head not complete in time", self.state.date_header
         )
         if data and self.transport is not None:
+            self._written += len(data)
             self.transport.write(data)
         self._linger()  # the client may be sending the rest of its head
 
@@ -822,8 +884,9 @@ class HTTPChannel(asyncio.Protocol):
         timestamps the connection keeps, so no request arms a timer. It closes a connection
         idle past ``timeout_keep_alive``, answers 408 to a head incomplete past
         ``timeout_request_header`` and 504 to a request without a response head past
-        ``timeout_request``, cuts a connection whose unsent output has not moved for
-        ``timeout_write`` (a response, a sendfile or a closing connection's last bytes), and
+        ``timeout_request``, cuts a connection with unsent output of which no byte has been
+        sent for ``timeout_write`` however its buffer changed (a response, a sendfile or a
+        closing connection's last bytes), and
         ends a lingering close after ``timeout_linger``.
 
         Args:
@@ -836,12 +899,16 @@ class HTTPChannel(asyncio.Protocol):
         config = self.config
         cycle = self.cycle
         pending = transport.get_write_buffer_size()
+        # Progress is bytes leaving the buffer (or sent by sendfile), not a buffer that changes:
+        # one that only grows, an app trickling output to a client that reads nothing, is stalled.
+        drained = self._written - pending
         if cycle is not None and cycle.file_sender is not None:
             pending += cycle.file_sender.left
-        if pending != self._stall_size:
-            self._stall_size = pending
-            self._stall_since = now
-        elif pending and config.timeout_write and now - self._stall_since >= config.timeout_write:
+        if drained != self._stall_drained or not self._stall_size:
+            self._stall_since = now  # progress, or nothing was waiting at the last sweep
+        self._stall_drained = drained
+        self._stall_size = pending
+        if pending and config.timeout_write and now - self._stall_since >= config.timeout_write:
             if error_logger.isEnabledFor(logging.INFO):
                 error_logger.info(
                     "Client %s read nothing for %g s (--timeout-write); closing the connection",
@@ -856,8 +923,8 @@ class HTTPChannel(asyncio.Protocol):
             elif now - self._linger_since >= config.timeout_linger:
                 self.abort()
             return
-        if self.closing:
-            return
+        if self.closing or self._paused & _PAUSE_WRITE:
+            return  # waiting for the client to read: the stall check above applies
         if cycle is None:
             header_timeout = config.timeout_request_header
             idle_since = self.idle_since
@@ -915,8 +982,9 @@ class _FileSender:
     uvloop has no ``loop.sendfile()`` (MagicStack/uvloop#228), and the transport owns its file
     descriptor's polling. So the socket is duplicated (``os.dup``) and the duplicate watched for
     writability with ``loop.add_writer``; each time it is writable and the transport's own buffer
-    is empty, ``os.sendfile`` copies file pages to the socket without passing through Python.
-    This works the same under uvloop and asyncio.
+    is empty, ``os.sendfile`` copies file pages to the socket without passing through Python, up
+    to ``_SENDFILE_MAX_CHUNK`` bytes per event, so that the loop serves its other connections in
+    between. This works the same under uvloop and asyncio.
     """
 
     __slots__ = ("_dup", "_in_fd", "_out_fd", "channel", "done", "left", "offset", "wrapper")
@@ -951,13 +1019,18 @@ class _FileSender:
         if transport is None or transport.get_write_buffer_size():
             return  # the head is still buffered in the transport; wait until it has gone out
         sendfile: Callable[[int, int, int, int], int] = os.sendfile
+        budget = _SENDFILE_MAX_CHUNK
         try:
             while self.left > 0:
-                sent = sendfile(self._out_fd, self._in_fd, self.offset, self.left)
-                if sent == 0:  # the file is shorter than it was
+                sent = sendfile(self._out_fd, self._in_fd, self.offset, min(self.left, budget))
+                if sent == 0:  # the file is shorter than it was: ``left`` stays non-zero
                     break
                 self.offset += sent
                 self.left -= sent
+                self.channel._written += sent
+                budget -= sent
+                if budget <= 0 and self.left:
+                    return  # the rest on the next writable event, after the other callbacks
         except BlockingIOError:
             return
         except OSError as exc:

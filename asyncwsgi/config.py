@@ -191,7 +191,8 @@ class Config:
     write_high_water: int = _opt(
         256 * KiB,
         "Bytes of unsent response per connection above which the app's iteration waits for the "
-        "client (bounds memory per slow reader).",
+        "client, and its next pipelined request is not started: a connection holds at most this "
+        "plus the last block the app handed over, whatever the client pipelines.",
     )
     read_high_water: int = _opt(
         256 * KiB,

@@ -262,6 +262,11 @@ class Server:
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop gracefully: stop accepting, close idle connections, let requests finish.
 
+        Within ``timeout``, every response already begun is delivered in full (a connection
+        counts as done once it has closed, not once it has started closing with output still
+        buffered), and connections lingering after a response finish lingering. Only then, or
+        when the time is up, are the connections left cut.
+
         Args:
             timeout: seconds in-flight requests get before their connections are cut; defaults
                 to ``config.timeout_graceful_shutdown``.
@@ -300,13 +305,22 @@ class Server:
         idle = state.idle_changed
         assert idle is not None
 
-        async def requests_finished() -> None:
-            while any(not channel.closing for channel in state.channels):
+        async def connections_closed() -> None:
+            # Closed, not closing: a closing connection may still be flushing a response or
+            # lingering after one (a 413), and both end on their own: the client reads, or
+            # --timeout-write, --timeout-linger or the shutdown timeout runs out.
+            while state.channels:
                 idle.clear()
                 await idle.wait()
 
+        if state.channels:
+            error_logger.info(
+                "Waiting for %d connection(s) to finish (--timeout-graceful-shutdown %g s)",
+                len(state.channels),
+                timeout,
+            )
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(requests_finished(), timeout)
+            await asyncio.wait_for(connections_closed(), timeout)
         grace.cancel()
         for channel in list(state.channels):
             channel.abort()

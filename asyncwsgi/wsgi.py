@@ -247,7 +247,15 @@ def run_wsgi(
         queued_at: ``time.perf_counter()`` when the request was queued for a thread.
         queue_timeout: seconds the request may have waited; past them it gets 503 with
             ``Retry-After`` and the application is not called. 0 disables the check.
+
+    A request whose connection is gone by the time a thread takes it (``sink.disconnected``)
+    is dropped without calling the application.
     """
+    if sink.disconnected:
+        # The connection went away (or a shutdown cut it) while the request waited for a thread:
+        # nobody would read the response, so the application is not called.
+        logger.debug("client disconnected before %s reached a thread", _path(environ))
+        return
     if queue_timeout:
         waited = time.perf_counter() - queued_at
         if waited > queue_timeout:
