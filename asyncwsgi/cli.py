@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import importlib
 import os
+import shutil
 import sys
 import types
 import typing
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, get_args, get_origin
 
 from . import __version__
-from .config import BindSpec, Config
+from .config import GROUPS, BindSpec, Config
 from .errors import ConfigError
 from .settings import layered_options
 
@@ -76,15 +77,52 @@ def load_app(spec: str, *, app_dir: str = ".", factory: bool = False) -> WSGIApp
     return typing.cast("WSGIApplication", obj)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+#: ``--help`` is at most this wide, however wide the terminal.
+HELP_WIDTH = 100
+
+#: After the flags in ``asyncwsgi serve --help``.
+SERVE_EPILOG = """\
+--access-logformat takes gunicorn's atoms; its "combined" line is
+  '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(D)s'
+Every flag is also an ASYNCWSGI_<SETTING> variable and a [tool.asyncwsgi] key of pyproject.toml.
+The README's flags table explains each flag at length."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's layout, at most :data:`HELP_WIDTH` columns wide; the epilog is kept as written."""
+
+    def __init__(self, prog: str) -> None:
+        width = min(HELP_WIDTH, shutil.get_terminal_size().columns - 2)
+        super().__init__(prog, width=width)
+
+
+def _default_text(field: dataclasses.Field[Any]) -> str:
+    """A field's default as ``--help`` shows it: ``on``/``off``, ``none``, or the value."""
+    if field.metadata.get("default_text"):
+        return str(field.metadata["default_text"])
+    default = field.default
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if default is None or default in ((), ""):
+        return "none"
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    return str(default)
+
+
+def _add_config_flags(
+    parser: argparse.ArgumentParser, groups: dict[str, argparse._ArgumentGroup]
+) -> None:
+    """Add one flag per Config field, under its group (:data:`asyncwsgi.config.GROUPS`)."""
     hints = typing.get_type_hints(Config)
     for field in dataclasses.fields(Config):
         hint = hints[field.name]
         flags = [f"--{field.name.replace('_', '-')}", *field.metadata.get("flags", ())]
+        text = f"{field.metadata['help']} (default: {_default_text(field)})"
         kwargs: dict[str, Any] = {
             "dest": field.name,
             "default": argparse.SUPPRESS,
-            "help": f"{field.metadata['help']} (default: {field.default!r})".replace("%", "%%"),
+            "help": text.replace("%", "%%"),
         }
         optional = get_origin(hint) in (typing.Union, types.UnionType)
         base = next((a for a in get_args(hint) if a is not type(None)), hint) if optional else hint
@@ -92,13 +130,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif field.metadata.get("repeat"):
             kwargs["action"] = "append"
-            kwargs["metavar"] = "ADDRESS"
         elif get_origin(base) is typing.Literal:
             kwargs["choices"] = list(get_args(base))
         else:
             kwargs["type"] = base
-            kwargs["metavar"] = {int: "INT", float: "SECONDS", str: "TEXT"}.get(base, "VALUE")
-        parser.add_argument(*flags, **kwargs)
+        if field.metadata.get("metavar") and base is not bool:
+            kwargs["metavar"] = field.metadata["metavar"]
+        group = groups.get(field.metadata.get("group") or "", parser)
+        group.add_argument(*flags, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     The ``serve`` subparser is also available as ``parser.serve_parser`` (for its error messages).
     """
     parser = argparse.ArgumentParser(
-        prog="asyncwsgi", description="Serve a WSGI application over HTTP/1.1."
+        prog="asyncwsgi",
+        description="Serve a WSGI application over HTTP/1.1.",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"asyncwsgi {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -115,24 +156,26 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve a WSGI application",
         description="Serve the WSGI application APP (module:attribute).",
+        epilog=SERVE_EPILOG,
+        formatter_class=_HelpFormatter,
     )
-    serve.add_argument("app", metavar="APP", help="the application, as module:attribute")
     serve.add_argument("--version", action="version", version=f"asyncwsgi {__version__}")
-    serve.add_argument(
+    groups = {name: serve.add_argument_group(name) for name in GROUPS}
+    application = groups["Application"]
+    application.add_argument("app", metavar="APP", help="the application, as module:attribute")
+    application.add_argument(
         "-c",
         "--config",
         dest="config_file",
         metavar="FILE",
-        help="Read settings from this TOML file (top-level keys or [tool.asyncwsgi]); flags and "
-        "ASYNCWSGI_* variables override it. Default: [tool.asyncwsgi] of ./pyproject.toml.",
+        help="TOML file of settings (default: [tool.asyncwsgi] of ./pyproject.toml)",
     )
-    serve.add_argument(
+    application.add_argument(
         "--env-file",
         metavar="FILE",
-        help="Add the variables of this dotenv file to the environment (for the app too) "
-        "without replacing those set; ASYNCWSGI_<SETTING> variables set settings.",
+        help="dotenv file added to the environment (default: none)",
     )
-    _add_config_flags(serve)
+    _add_config_flags(serve, groups)
     parser.set_defaults(serve_parser=serve)
     return parser
 

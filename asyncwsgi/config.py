@@ -2,9 +2,11 @@
 
 This is the single source of truth: ``asyncwsgi serve`` generates its flags from
 ``dataclasses.fields(Config)`` (see :mod:`asyncwsgi.cli`), and ``serve(app, **options)`` passes its
-keyword arguments straight to ``Config``. Each field's ``metadata["help"]`` gives its unit and why
-its default is what it is; the same text is the flag's ``--help``. Field names follow gunicorn and
-uvicorn, so ``--limit-request-line`` and ``--timeout-keep-alive`` mean what they mean there.
+keyword arguments straight to ``Config``. Each field's metadata gives the flag's one-line
+``help``, its ``group`` in ``--help``, its ``metavar`` (the unit: ``SECONDS``, ``BYTES``, ``N``)
+and how its default reads; the README's flags table gives the longer explanation of each.
+Field names follow gunicorn and uvicorn, so ``--limit-request-line`` and
+``--timeout-keep-alive`` mean what they mean there.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 
-__all__ = ["KiB", "MiB", "Config", "BindSpec", "parse_bind"]
+__all__ = ["KiB", "MiB", "GROUPS", "Config", "BindSpec", "parse_bind"]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -25,9 +27,44 @@ LoopName = Literal["auto", "asyncio", "uvloop"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 
-def _opt(default: Any, help: str, *flags: str, **extra: Any) -> Any:
-    """Declare a Config field with its help text and extra CLI flag spellings."""
+#: The topics ``asyncwsgi serve --help`` groups the flags under, in this order (as gunicorn's and
+#: uvicorn's documentation groups its settings).
+GROUPS = (
+    "Application",
+    "Binding",
+    "Processes",
+    "Threads and timeouts",
+    "Limits",
+    "Logging",
+    "TLS",
+    "Proxies",
+    "Development",
+)
+
+
+def _opt(
+    default: Any,
+    help: str,
+    *flags: str,
+    group: str | None = None,
+    metavar: str | None = None,
+    default_text: str | None = None,
+    **extra: Any,
+) -> Any:
+    """Declare a Config field and its flag.
+
+    Args:
+        default: the default value (a tuple for a sequence).
+        help: the flag's one-line help, lower case, without the default.
+        flags: extra flag spellings (gunicorn's ``-b``).
+        group: the topic of :data:`GROUPS` the flag is listed under.
+        metavar: what the flag takes: ``SECONDS``, ``BYTES``, ``N``, ``PATH``, ``DIR``...
+        default_text: the default as ``--help`` shows it, when ``default`` alone says too
+            little (``0: no limit``).
+        extra: ``repeat=True`` for a flag given more than once.
+    """
     metadata: dict[str, Any] = {"help": help, "flags": flags, **extra}
+    metadata.update(group=group, metavar=metavar, default_text=default_text)
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for sequence defaults")
     return field(default=default, metadata=metadata)
@@ -43,239 +80,275 @@ class Config:
     """
 
     # -- where to listen --------------------------------------------------------------------
-    host: str = _opt("127.0.0.1", "Bind to this host (used when no --bind/--uds/--fd is given).")
-    port: int = _opt(8000, "Bind to this TCP port; 0 picks a free one.")
+    host: str = _opt(
+        "127.0.0.1",
+        "host to bind when no --bind/--uds/--fd is given",
+        group="Binding",
+        metavar="ADDRESS",
+    )
+    port: int = _opt(8000, "TCP port to bind; 0 picks a free one", group="Binding", metavar="PORT")
     bind: tuple[str, ...] = _opt(
         (),
-        "Listen here; repeatable. HOST:PORT, [::1]:PORT, unix:PATH or fd://N (gunicorn's -b).",
+        "HOST:PORT, [::1]:PORT, unix:PATH or fd://N; repeatable",
         "-b",
         repeat=True,
+        group="Binding",
+        metavar="ADDRESS",
     )
-    uds: str | None = _opt(None, "Bind to this UNIX domain socket path.")
+    uds: str | None = _opt(None, "bind this UNIX domain socket", group="Binding", metavar="PATH")
     uds_perms: str | None = _opt(
         None,
-        "Octal file mode for UNIX sockets (--uds, unix:PATH), e.g. 660 so that only the owner "
-        "and group (nginx's) can connect; default: as the umask leaves it.",
+        "octal file mode of UNIX sockets, e.g. 660",
+        group="Binding",
+        metavar="MODE",
+        default_text="as the umask leaves it",
     )
-    fd: int | None = _opt(None, "Serve on this already-bound listening socket file descriptor.")
-    backlog: int = _opt(2048, "Listen backlog: connections the kernel queues before accept().")
+    fd: int | None = _opt(
+        None, "serve on this inherited listening socket", group="Binding", metavar="FD"
+    )
+    backlog: int = _opt(2048, "listen backlog", group="Binding", metavar="N")
 
     # -- the application --------------------------------------------------------------------
-    factory: bool = _opt(False, "Treat APP as a factory: call it with no arguments to get the app.")
-    app_dir: str = _opt(".", "Put this directory first on sys.path before importing APP.")
+    factory: bool = _opt(
+        False, "APP is a factory: call it to get the application", group="Application"
+    )
+    app_dir: str = _opt(
+        ".", "put this directory first on sys.path", group="Application", metavar="DIR"
+    )
     root_path: str = _opt(
-        "", "SCRIPT_NAME: the URL prefix the app is mounted under, stripped from PATH_INFO."
+        "",
+        "SCRIPT_NAME: URL prefix stripped from PATH_INFO",
+        group="Application",
+        metavar="PREFIX",
     )
 
     # -- concurrency ------------------------------------------------------------------------
     threads: int = _opt(
-        32,
-        "Worker threads that run the application (the pool grows to this on demand). Idle and "
-        "slow connections hold no thread, so this bounds concurrent app calls only.",
+        32, "threads that run the application", group="Threads and timeouts", metavar="N"
     )
-    loop: LoopName = _opt("auto", "Event loop: auto (uvloop when installed), asyncio or uvloop.")
+    loop: LoopName = _opt("auto", "event loop", group="Processes")
     workers: int = _opt(
         1,
-        "Worker processes, each with its own event loop and threads (gunicorn's -w; the "
-        "WEB_CONCURRENCY environment variable sets it for the CLI). 1 serves in this process.",
+        "worker processes",
         "-w",
+        group="Processes",
+        metavar="N",
+        default_text="1, or $WEB_CONCURRENCY",
     )
     max_requests: int = _opt(
         0,
-        "Restart a worker process after it has served this many requests (0: never); bounds "
-        "slow memory leaks in applications.",
+        "restart a worker after this many requests",
         "--limit-max-requests",
+        group="Processes",
+        metavar="N",
+        default_text="0: never",
     )
     max_requests_jitter: int = _opt(
-        0, "Add up to this many requests at random to --max-requests, so workers restart apart."
+        0, "add up to N at random to --max-requests", group="Processes", metavar="N"
     )
     reuse_port: bool = _opt(
-        False,
-        "Each worker binds its own socket with SO_REUSEPORT, and the kernel balances "
-        "connections between them (TCP only).",
+        False, "each worker binds its own SO_REUSEPORT socket", group="Processes"
     )
-    reload: bool = _opt(
-        False, "Restart the server when Python files change (development; needs watchfiles)."
-    )
+    reload: bool = _opt(False, "restart when files change; needs watchfiles", group="Development")
     reload_dir: tuple[str, ...] = _opt(
-        (), "Watch this directory for --reload; repeatable (default: the current one).", repeat=True
+        (),
+        "directory --reload watches; repeatable",
+        repeat=True,
+        group="Development",
+        metavar="DIR",
+        default_text="the current one",
     )
     reload_include: tuple[str, ...] = _opt(
         (),
-        "Glob of files whose change restarts under --reload; repeatable (default *.py).",
+        "files whose change reloads; repeatable",
         repeat=True,
+        group="Development",
+        metavar="GLOB",
+        default_text="*.py",
     )
     reload_exclude: tuple[str, ...] = _opt(
-        (), "Glob of files --reload ignores; repeatable (default .*, *.py[cod], *~).", repeat=True
+        (),
+        "files --reload ignores; repeatable",
+        repeat=True,
+        group="Development",
+        metavar="GLOB",
+        default_text=".*, *.py[cod], *~",
     )
 
     # -- timeouts (seconds) ------------------------------------------------------------------
     # Checked by one housekeeping sweep over the connections (about once a second, more often
     # for short timeouts), so a timeout fires up to a sweep late; no request arms a timer.
     timeout_keep_alive: float = _opt(
-        5.0,
-        "Seconds a connection may stay idle, with no byte of a next request, before it is closed "
-        "(uvicorn's default). A new connection is idle until its first byte.",
+        5.0, "close a connection idle this long", group="Threads and timeouts", metavar="SECONDS"
     )
     timeout_request_header: float = _opt(
         10.0,
-        "Seconds a client has to complete a request head once its first byte has arrived; then "
-        "it gets 408 and the connection closes (slowloris). nginx's client_header_timeout.",
+        "408 when a begun request head is not complete in time",
         "--header-timeout",
+        group="Threads and timeouts",
+        metavar="SECONDS",
     )
     timeout_read: float = _opt(
         60.0,
-        "Seconds a wsgi.input read waits for more request body data before raising "
-        "ClientDisconnected; the client then gets 408 unless the app answers itself. nginx's "
-        "client_body_timeout.",
+        "408 when wsgi.input waits this long for body data",
+        group="Threads and timeouts",
+        metavar="SECONDS",
     )
     timeout_write: float = _opt(
         60.0,
-        "Seconds a response may wait for a client that reads nothing: then the app's iteration "
-        "is stopped (its close() runs) and the connection is cut. nginx's send_timeout.",
+        "cut a response whose client reads nothing this long",
+        group="Threads and timeouts",
+        metavar="SECONDS",
     )
     timeout_request: float = _opt(
         0.0,
-        "Seconds from a request's head to the start of its response; past it the client gets 504 "
-        "and the connection closes, and the app's output is discarded when it comes (its close() "
-        "still runs). Body upload time counts, as for gunicorn's --timeout. 0 disables.",
+        "504 when the app has not started its response in time",
+        group="Threads and timeouts",
+        metavar="SECONDS",
+        default_text="0: off",
     )
     timeout_queue: float = _opt(
         30.0,
-        "Seconds a request may wait for a free thread; one that waited longer gets 503 with "
-        "Retry-After instead of running late, when its client has likely given up. 0 disables.",
+        "503 for a request that waited this long for a thread",
+        group="Threads and timeouts",
+        metavar="SECONDS",
     )
     timeout_linger: float = _opt(
         5.0,
-        "Seconds a connection closed while its client may still be sending (a 413, a body the "
-        "app did not read) keeps reading and discarding input after its response went out, so "
-        "that the response is not lost to a TCP reset. nginx's lingering_timeout. 0 disables.",
+        "read and discard input this long after closing",
+        group="Threads and timeouts",
+        metavar="SECONDS",
     )
     timeout_graceful_shutdown: float = _opt(
         30.0,
-        "Seconds in-flight requests get to finish on SIGTERM/SIGINT before connections are cut.",
+        "time in-flight requests get on SIGTERM",
         "--graceful-timeout",
+        group="Threads and timeouts",
+        metavar="SECONDS",
     )
 
     # -- limits (gunicorn's names) -----------------------------------------------------------
     limit_request_line: int = _opt(
-        8190, "Maximum request-line size in bytes (414 above it); 0 means 64 KiB."
+        8190, "414 above this request line; 0: 64 KiB", group="Limits", metavar="BYTES"
     )
-    limit_request_fields: int = _opt(100, "Maximum number of header fields (431 above it).")
+    limit_request_fields: int = _opt(
+        100, "431 above this many header fields", group="Limits", metavar="N"
+    )
     limit_request_field_size: int = _opt(
         8190,
-        "Maximum size of one header field line in bytes (431 above it); 0 means 64 KiB.",
+        "431 above this header field line; 0: 64 KiB",
         "--limit-request-field_size",
+        group="Limits",
+        metavar="BYTES",
     )
     limit_request_head: int = _opt(
-        64 * KiB, "Maximum size of the whole request head in bytes (431 above it)."
+        64 * KiB, "431 above this whole request head", group="Limits", metavar="BYTES"
     )
     limit_request_body: int = _opt(
-        0, "Maximum request body size in bytes (413 above it); 0 means unlimited."
+        0,
+        "413 above this request body",
+        group="Limits",
+        metavar="BYTES",
+        default_text="0: no limit",
     )
     limit_concurrency: int = _opt(
         0,
-        "Requests in progress (running or waiting for a thread) at which a new request gets an "
-        "immediate 503 with Retry-After (uvicorn's name); idle keep-alive connections do not "
-        "count. 0 means no limit.",
+        "503 at once beyond this many requests in progress",
+        group="Limits",
+        metavar="N",
+        default_text="0: no limit",
     )
     limit_max_connections: int = _opt(
         0,
-        "Open connections at which the server stops accepting: new ones wait in the listen "
-        "backlog until one closes (gunicorn's --worker-connections, waitress's "
-        "connection_limit). 0 means no limit.",
+        "stop accepting at this many open connections",
         "--worker-connections",
+        group="Limits",
+        metavar="N",
+        default_text="0: no limit",
     )
 
     # -- buffers (bytes) ----------------------------------------------------------------------
     write_high_water: int = _opt(
-        256 * KiB,
-        "Bytes of unsent response per connection above which the app's iteration waits for the "
-        "client, and its next pipelined request is not started: a connection holds at most this "
-        "plus the last block the app handed over, whatever the client pipelines.",
+        256 * KiB, "unsent response that pauses the app", group="Limits", metavar="BYTES"
     )
     read_high_water: int = _opt(
-        256 * KiB,
-        "Bytes of request body buffered ahead of the app above which the server stops reading "
-        "the socket until the app catches up.",
+        256 * KiB, "unread request body that pauses reading", group="Limits", metavar="BYTES"
     )
 
     # -- response headers and logging --------------------------------------------------------
-    server_header: bool = _opt(True, "Send a 'Server: asyncwsgi' header.")
-    date_header: bool = _opt(True, "Send a 'Date' header (RFC 9110 section 6.6.1).")
-    log_level: LogLevel = _opt("info", "Log level of the asyncwsgi.error logger.")
-    access_log: bool = _opt(True, "Log one line per response to the asyncwsgi.access logger.")
+    server_header: bool = _opt(True, "send 'Server: asyncwsgi'", group="Application")
+    date_header: bool = _opt(True, "send a Date header", group="Application")
+    log_level: LogLevel = _opt("info", "level of the asyncwsgi loggers", group="Logging")
+    access_log: bool = _opt(True, "one access line per response", group="Logging")
     expose_tracebacks: bool = _opt(
-        False, "Put the traceback of an application error in the 500 body (development only)."
+        False, "tracebacks in 500 bodies; never in production", group="Development"
     )
     log_config: str | None = _opt(
         None,
-        "Logging configuration file, applied after the defaults: dictConfig JSON (*.json), "
-        "YAML (*.yaml, *.yml; needs PyYAML) or fileConfig INI (any other name).",
+        "logging config file: JSON, YAML or INI; replaces ours",
+        group="Logging",
+        metavar="PATH",
     )
     access_logfile: str | None = _opt(
         None,
-        "Write access lines to this file, or '-' for stdout, without the error log's prefix "
-        "(gunicorn's --access-logfile). Default: stderr, with the error log.",
+        "access lines to this file, '-' for stdout",
+        group="Logging",
+        metavar="PATH",
+        default_text="stderr",
     )
     access_logformat: str | None = _opt(
         None,
-        "Access line format with gunicorn's atoms, e.g. '%(h)s %(l)s %(u)s %(t)s \"%(r)s\" "
-        '%(s)s %(b)s "%(f)s" "%(a)s" %(D)s\'. Default: the built-in line, which costs the '
-        "least per request.",
+        "access line of gunicorn's atoms, see below",
+        group="Logging",
+        metavar="FORMAT",
+        default_text="the built-in line",
     )
-    access_log_json: bool = _opt(
-        False,
-        "Write each access line as one JSON object: the atoms of --access-logformat by name, or "
-        "a fixed set of fields without it.",
-    )
+    access_log_json: bool = _opt(False, "one JSON object per access line", group="Logging")
 
     # -- TLS (uvicorn's names) ------------------------------------------------------------------
     ssl_certfile: str | None = _opt(
-        None, "Serve HTTPS with this certificate chain (PEM), read once at start."
+        None, "serve HTTPS with this PEM certificate chain", group="TLS", metavar="PATH"
     )
     ssl_keyfile: str | None = _opt(
-        None, "Private key of --ssl-certfile (PEM); not needed when the certfile holds the key."
+        None, "PEM private key of --ssl-certfile", group="TLS", metavar="PATH"
     )
-    ssl_keyfile_password: str | None = _opt(None, "Password of an encrypted --ssl-keyfile.")
+    ssl_keyfile_password: str | None = _opt(
+        None, "password of an encrypted --ssl-keyfile", group="TLS", metavar="PASSWORD"
+    )
     ssl_ca_certs: str | None = _opt(
-        None, "CA certificates (PEM) that client certificates are verified against."
+        None, "PEM CA certificates for client certificates", group="TLS", metavar="PATH"
     )
     ssl_cert_reqs: int = _opt(
         0,
-        "Client certificates: 0 not asked for, 1 verified if sent, 2 required "
-        "(ssl.CERT_NONE, CERT_OPTIONAL, CERT_REQUIRED, as uvicorn).",
+        "client certificates: 0 none, 1 optional, 2 required",
+        group="TLS",
+        metavar="{0,1,2}",
     )
     ssl_ciphers: str = _opt(
-        "TLSv1",
-        "OpenSSL cipher list for TLS 1.2 and below (uvicorn's default; TLS 1.3 suites are "
-        "OpenSSL's own).",
+        "TLSv1", "OpenSSL cipher list for TLS 1.2 and below", group="TLS", metavar="CIPHERS"
     )
 
     # -- behind a proxy or load balancer ----------------------------------------------------------
     proxy_headers: bool = _opt(
-        True,
-        "Take the client address, scheme, host, port and prefix from X-Forwarded-* and "
-        "Forwarded (RFC 7239) headers, from trusted peers only (see --forwarded-allow-ips).",
+        True, "trust X-Forwarded-*/Forwarded from trusted peers", group="Proxies"
     )
     forwarded_allow_ips: str | None = _opt(
         None,
-        "Peers trusted with proxy headers and the PROXY protocol: comma-separated IP addresses "
-        "and CIDR networks, or '*' for all. Unset: $FORWARDED_ALLOW_IPS, else 127.0.0.1. "
-        "UNIX-socket peers are always trusted.",
+        "trusted IPs, CIDRs or *; also $FORWARDED_ALLOW_IPS",
+        group="Proxies",
+        metavar="IPS",
+        default_text="127.0.0.1",
     )
     forwarded_trust_headers: str = _opt(
         "x-forwarded-for,x-forwarded-proto,x-forwarded-host,x-forwarded-port,"
         "x-forwarded-prefix,forwarded",
-        "The forwarding headers trusted peers may set with --proxy-headers: comma-separated "
-        "field names, any case (waitress's trusted_proxy_headers). The others are removed from "
-        "their requests, and all six from the requests of untrusted peers.",
+        "forwarding headers trusted peers may set; others are removed",
+        group="Proxies",
+        metavar="NAMES",
+        default_text="all six",
     )
     proxy_protocol: bool = _opt(
-        False,
-        "Accept a HAProxy PROXY protocol v1 or v2 header at the start of connections from "
-        "trusted peers, and take the client address from it (connections without one are "
-        "served as they are).",
+        False, "read a PROXY protocol v1/v2 header from trusted peers", group="Proxies"
     )
 
     def __post_init__(self) -> None:

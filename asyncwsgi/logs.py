@@ -55,35 +55,50 @@ _FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 _DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
 
 
+def _level(level: str) -> int:
+    return TRACE if level == "trace" else int(getattr(logging, level.upper()))
+
+
 def configure_logging(level: str, access_log: bool) -> None:
     """Send both loggers to stderr in gunicorn's format, at ``level`` (``info``, ``debug``...).
 
-    Used by the CLI and :func:`asyncwsgi.run`; ``serve()`` leaves logging to its host program.
+    Used by the CLI and :func:`asyncwsgi.run` when no ``log_config`` is given; ``serve()``
+    leaves logging to its host program.
     """
-    numeric = TRACE if level == "trace" else getattr(logging, level.upper())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(_FORMAT, _DATE_FORMAT))
     for logger in (error_logger, access_logger):
         logger.handlers[:] = [handler]
         logger.propagate = False
-    error_logger.setLevel(numeric)
-    access_logger.setLevel(numeric if access_log else logging.CRITICAL + 1)
+    error_logger.setLevel(_level(level))
+    access_logger.setLevel(_level(level) if access_log else logging.CRITICAL + 1)
 
 
 def setup_logging(config: Config) -> None:
-    """Configure logging from ``config``: the defaults of :func:`configure_logging`, then
-    ``access_logfile`` and ``log_config``. Main thread, before serving.
+    """Configure logging from ``config``. Main thread, before serving (and before forking
+    ``--workers``, which inherit it).
 
+    - Without ``log_config``: the stderr handler of :func:`configure_logging`.
+    - With ``log_config``, the file takes over, as uvicorn's ``--log-config``: no handler of
+      ours is installed, ``asyncwsgi.error`` and ``asyncwsgi.access`` propagate to the root
+      logger at ``log_level``, and then the file is applied (:func:`load_log_config`), so that
+      whatever it says about these loggers (handlers, level, ``propagate``) wins.
     - ``access_logfile``: access lines go to that file (appended to), or to stdout for ``-``,
-      as bare lines without the error log's prefix (gunicorn's ``--access-logfile``).
-    - ``log_config``: a file applied last, so it can change anything, see
-      :func:`load_log_config`. ``--no-access-log`` still silences the access logger after it.
+      as bare lines without the error log's prefix (gunicorn's ``--access-logfile``), and not
+      to the root logger; a ``log_config`` that names ``asyncwsgi.access`` overrides it.
+    - ``access_log`` false (``--no-access-log``) silences the access logger, whatever the file.
 
     Raises:
         ConfigError: the log config file cannot be read or applied, or the access log file
             cannot be opened.
     """
-    configure_logging(config.log_level, config.access_log)
+    if config.log_config:
+        for logger in (error_logger, access_logger):
+            logger.handlers[:] = []
+            logger.propagate = True
+            logger.setLevel(_level(config.log_level))
+    else:
+        configure_logging(config.log_level, config.access_log)
     if config.access_logfile:
         handler: logging.Handler
         if config.access_logfile == "-":
@@ -99,10 +114,11 @@ def setup_logging(config: Config) -> None:
                 ) from None
         handler.setFormatter(logging.Formatter("%(message)s"))
         access_logger.handlers[:] = [handler]
+        access_logger.propagate = False
     if config.log_config:
         load_log_config(config.log_config)
-        if not config.access_log:
-            access_logger.setLevel(logging.CRITICAL + 1)
+    if not config.access_log:
+        access_logger.setLevel(logging.CRITICAL + 1)
 
 
 def reopen_log_files() -> int:
@@ -142,8 +158,7 @@ def load_log_config(path: str) -> None:
     ``*.json`` is a :func:`logging.config.dictConfig` dictionary, ``*.yaml``/``*.yml`` the same
     in YAML (needs PyYAML), any other name a :func:`logging.config.fileConfig` INI file.
     Loggers the file does not name keep working (``disable_existing_loggers`` defaults to
-    False, as uvicorn's); to route ``asyncwsgi.error`` and ``asyncwsgi.access`` to the root
-    logger's handlers, give them ``propagate: true`` and no handlers.
+    False, as uvicorn's); :func:`setup_logging` has them propagate to the root logger.
 
     Raises:
         ConfigError: the file is missing, malformed, or PyYAML is needed and not installed.

@@ -6,16 +6,41 @@ import asyncio
 import contextlib
 import os
 import select
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import h11
+import pytest
 
 from asyncwsgi import Config, Server
 
 TIMEOUT = 10.0
+
+#: Where Debian puts daemons (nginx, haproxy): not on an unprivileged user's PATH.
+_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def require_program(name: str) -> str:
+    """Return the path of the external program ``name`` (nginx, wrk, ab, haproxy).
+
+    Searched on ``PATH``, then in the sbin directories. When it is missing the calling test is
+    skipped with the reason, on a developer's machine; under ``CI=true`` it fails instead, so
+    that CI never skips a test silently (``.ci/run`` installs every program the tests use).
+
+    Raises:
+        pytest.skip.Exception: the program is missing and ``CI`` is not ``true``.
+        pytest.fail.Exception: the program is missing and ``CI`` is ``true``.
+    """
+    found = shutil.which(name) or shutil.which(name, path=os.pathsep.join(_SBIN))
+    if found is not None:
+        return found
+    reason = f"{name} is not installed (apt-get install the Debian package; .ci/run does)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}, and CI=true does not allow skipping")
+    pytest.skip(reason)
 
 
 class ProcessOutput:

@@ -1,7 +1,7 @@
 """gunicorn's request corpus, over a real socket: valid requests reach the application as gunicorn
 parses them, invalid ones get a 4xx/5xx and never reach it.
 
-Each of the 137 cases of ``../shared/corpus/gunicorn-requests.json`` (gunicorn's
+Each of the 137 cases of ``tests/data/gunicorn-requests.json`` (gunicorn's
 ``tests/requests``, MIT) is its own test. Its raw bytes go to a server on 127.0.0.1:0 in one
 write, followed by a half-close; a recording application keeps the environ and the body of each
 request it gets. A second connection then makes a barrier request: the pool has one thread, so
@@ -91,7 +91,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -106,12 +105,8 @@ from asyncwsgi.errors import ClientDisconnected
 
 from .helpers import TIMEOUT, exchange, running
 
-CORPUS = Path(
-    os.environ.get(
-        "ASYNCWSGI_CORPUS",
-        Path(__file__).resolve().parents[2] / "shared" / "corpus" / "gunicorn-requests.json",
-    )
-)
+#: gunicorn's request corpus as JSON (tests/data/LICENSE-gunicorn tells where it comes from).
+CORPUS = Path(__file__).resolve().parent / "data" / "gunicorn-requests.json"
 CASES: dict[str, dict[str, Any]] = {
     case["name"]: case for case in json.loads(CORPUS.read_text(encoding="utf-8"))["cases"]
 }

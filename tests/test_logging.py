@@ -490,6 +490,132 @@ def test_cli_log_config(tmp_path: Path) -> None:
     assert "[INFO]" not in server.output  # the default format is replaced
 
 
+ROOT_FORMAT = "root %(name)s %(levelname)s %(process)d %(message)s"
+
+
+def root_config(log: Path, *, access_file: Path | None = None) -> dict[str, Any]:
+    """A dictConfig whose root logger writes to ``log`` and to stderr (where the test waits for
+    "Listening at"), naming no asyncwsgi logger; with ``access_file``, it also configures
+    ``asyncwsgi.access`` explicitly, to that file only."""
+    config: dict[str, Any] = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"root": {"format": ROOT_FORMAT}},
+        "handlers": {
+            "file": {"class": "logging.FileHandler", "filename": str(log), "formatter": "root"},
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "formatter": "root",
+            },
+        },
+        "root": {"handlers": ["file", "stderr"], "level": "WARNING"},
+    }
+    if access_file is not None:
+        config["handlers"]["access"] = {
+            "class": "logging.FileHandler",
+            "filename": str(access_file),
+            "formatter": "root",
+        }
+        config["loggers"] = {
+            "asyncwsgi.access": {"handlers": ["access"], "level": "INFO", "propagate": False}
+        }
+    return config
+
+
+def write_log_config(directory: Path, kind: str, config: dict[str, Any]) -> Path:
+    """Write ``config`` (as :func:`root_config` builds it) as a JSON, YAML or INI file."""
+    path = directory / f"logging.{kind}"
+    if kind == "json":
+        path.write_text(json.dumps(config))
+    elif kind == "yaml":
+        path.write_text(importlib.import_module("yaml").safe_dump(config))
+    else:
+        handlers = config["handlers"]
+        loggers = config.get("loggers", {})
+        sections = [
+            f"[loggers]\nkeys=root{''.join(f',l{i}' for i in range(len(loggers)))}",
+            f"[handlers]\nkeys={','.join(handlers)}",
+            "[formatters]\nkeys=root",
+            f"[logger_root]\nlevel={config['root']['level']}\n"
+            f"handlers={','.join(config['root']['handlers'])}",
+            f"[formatter_root]\nformat={ROOT_FORMAT}",  # read raw: no %% escapes
+        ]
+        for i, (name, logger) in enumerate(loggers.items()):
+            sections.append(
+                f"[logger_l{i}]\nqualname={name}\nlevel={logger['level']}\n"
+                f"handlers={','.join(logger['handlers'])}\npropagate={int(logger['propagate'])}"
+            )
+        for name, handler in handlers.items():
+            if "filename" in handler:
+                args = f"({handler['filename']!r},)"
+                sections.append(f"[handler_{name}]\nclass=FileHandler\nargs={args}\nformatter=root")
+            else:
+                sections.append(
+                    f"[handler_{name}]\nclass=StreamHandler\nargs=(sys.stderr,)\nformatter=root"
+                )
+        path.write_text("\n\n".join(sections) + "\n")
+    return path
+
+
+def serve_one_request(*args: str, path: str = "/logged") -> str:
+    """Run ``asyncwsgi serve tests.apps:hello --port 0`` with ``args``, make one request once it
+    listens (the "Listening at" record, seen on stderr through the root logger), stop it with
+    SIGTERM and return its stderr."""
+    with CLIServer("tests.apps:hello", "--port", "0", *args) as server:
+        match = server.wait_for(
+            r"^root asyncwsgi\.error INFO \d+ Listening at: http://[\d.]+:(\d+)"
+        )
+        request = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        assert raw_request(int(match.group(1)), request).startswith(b"HTTP/1.1 200")
+        assert server.stop() == 0
+    return server.output
+
+
+@pytest.mark.parametrize("kind", ["json", "yaml", "ini"])
+def test_cli_log_config_root_handler_gets_server_and_access_records(
+    tmp_path: Path, kind: str
+) -> None:
+    log = tmp_path / "root.log"
+    config_path = write_log_config(tmp_path, kind, root_config(log))
+    stderr = serve_one_request("--log-config", str(config_path))
+    text = log.read_text()
+    assert re.search(r"^root asyncwsgi\.error INFO \d+ Listening at: http://", text, re.M)
+    assert re.search(
+        r'^root asyncwsgi\.access INFO \d+ 127\.0\.0\.1:\d+ - "GET /logged ', text, re.M
+    )
+    assert "[INFO]" not in stderr  # no default handler was installed beside the file's
+
+
+@pytest.mark.parametrize("kind", ["json", "yaml", "ini"])
+def test_cli_log_config_that_names_the_access_logger_wins(tmp_path: Path, kind: str) -> None:
+    log, access = tmp_path / "root.log", tmp_path / "access.log"
+    config_path = write_log_config(tmp_path, kind, root_config(log, access_file=access))
+    stderr = serve_one_request("--log-config", str(config_path), path="/own-file")
+    assert re.search(r"^root asyncwsgi\.error INFO \d+ Listening at: ", log.read_text(), re.M)
+    assert "/own-file" not in log.read_text()  # propagate: false, as the file says
+    assert "/own-file" not in stderr
+    assert re.search(
+        r'^root asyncwsgi\.access INFO \d+ .* "GET /own-file ', access.read_text(), re.M
+    )
+
+
+def test_cli_log_config_reaches_the_workers(tmp_path: Path) -> None:
+    log = tmp_path / "root.log"
+    config_path = write_log_config(tmp_path, "json", root_config(log))
+    serve_one_request("--log-config", str(config_path), "--workers", "2")
+    text = log.read_text()
+    workers = set(
+        re.findall(r"^root asyncwsgi\.error INFO \d+ Booting worker with pid: (\d+)", text, re.M)
+    )
+    assert len(workers) == 2
+    access = re.findall(
+        r'^root asyncwsgi\.access INFO (\d+) 127\.0\.0\.1:\d+ - "GET /logged ', text, re.M
+    )
+    assert len(access) == 1
+    assert access[0] in workers  # written by the worker that served it
+
+
 def test_cli_bad_log_config_is_one_error_line(tmp_path: Path) -> None:
     result = run_cli(
         "serve", "tests.apps:hello", "--port", "0", "--log-config", str(tmp_path / "no.json")

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import ipaddress
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -812,12 +811,8 @@ async def test_proxy_protocol_off_by_default() -> None:
 
 # -- gunicorn's PROXY corpus cases with --proxy-protocol -------------------------------------------
 
-CORPUS = Path(
-    os.environ.get(
-        "ASYNCWSGI_CORPUS",
-        Path(__file__).resolve().parents[2] / "shared" / "corpus" / "gunicorn-requests.json",
-    )
-)
+#: gunicorn's request corpus as JSON (tests/data/LICENSE-gunicorn tells where it comes from).
+CORPUS = Path(__file__).resolve().parent / "data" / "gunicorn-requests.json"
 PROXY_CASES = {
     case["name"]: case
     for case in json.loads(CORPUS.read_text(encoding="utf-8"))["cases"]
