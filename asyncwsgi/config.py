@@ -342,7 +342,7 @@ class Config:
     forwarded_trust_headers: str = _opt(
         "x-forwarded-for,x-forwarded-proto,x-forwarded-host,x-forwarded-port,"
         "x-forwarded-prefix,forwarded",
-        "forwarding headers trusted peers may set; others are removed",
+        "forwarding headers to trust; the others are removed",
         group="Proxies",
         metavar="NAMES",
         default_text="all six",

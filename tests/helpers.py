@@ -172,22 +172,3 @@ def decode_replies(data: bytes, method: bytes = b"GET", count: int = 64) -> list
         except h11.LocalProtocolError:
             break
     return replies
-
-
-def require_program(name: str) -> str:
-    """Return the path of the external program ``name``.
-
-    When it is missing the test is skipped with the reason, except under ``CI=true``, where a
-    missing program fails the test (CI never skips silently).
-    """
-    import shutil
-
-    import pytest
-
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path

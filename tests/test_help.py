@@ -51,6 +51,7 @@ METAVARS = frozenset(
         "PASSWORD",
         "CIPHERS",
         "IPS",
+        "NAMES",
         "APP",
         "{0,1,2}",
     }
