@@ -178,7 +178,7 @@ class WorkerPool:
             fn, args = item
             try:
                 fn(*args)
-            except Exception:
+            except BaseException:  # SystemExit from app code too: the thread must not end
                 logger.exception("Unhandled error in a worker thread")
             del item, fn, args
             self._progress = True
@@ -208,7 +208,7 @@ class WorkerPool:
                 fn, args = item
                 try:
                     fn(*args)
-                except Exception:
+                except BaseException:
                     logger.exception("Unhandled error in a worker thread")
         return stuck
 

@@ -23,6 +23,8 @@ from asyncwsgi.bridge import EMPTY_BODY, Head, RequestBody, ResponseSink, Worker
 from asyncwsgi.errors import ClientDisconnected
 from asyncwsgi.filewrapper import FileWrapper
 
+from .logwatch import watch_errors
+
 TIMEOUT = 10.0
 #: The sink's and the body's own timeout: longer than a test waits, so that a lost wake-up fails
 #: the test (the worker is still blocked) instead of ending in a timeout error that looks alike.
@@ -750,3 +752,42 @@ async def test_pool_shutdown_runs_calls_no_thread_took() -> None:
     pool.submit(ran.append, 1)  # shutdown starts before the loop wakes a thread for it
     assert pool.shutdown(TIMEOUT) == 0
     assert ran == [1]
+
+
+@pytest.mark.parametrize("error", [SystemExit, KeyboardInterrupt, GeneratorExit, RuntimeError])
+async def test_pool_thread_survives_whatever_a_call_raises(error: type[BaseException]) -> None:
+    """A call raising SystemExit, KeyboardInterrupt... is logged, and the pool's only thread goes
+    on to run the next calls: it is neither lost nor left counted as busy."""
+    pool = WorkerPool(asyncio.get_running_loop(), 1, name="asyncwsgi_test", stall=NEVER)
+    try:
+        with watch_errors() as log:
+            for _ in range(3):
+
+                def boom() -> None:
+                    raise error("from a call")
+
+                pool.submit(boom)
+            done = threading.Event()
+            pool.submit(done.set)
+            assert await asyncio.to_thread(done.wait, TIMEOUT)
+        assert [r.exc_info[0] if r.exc_info else None for r in log.errors()] == [error] * 3
+        assert pool.threads == 1
+    finally:
+        assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
+
+
+async def test_pool_shutdown_survives_a_queued_call_that_raises_system_exit() -> None:
+    """Calls that shutdown runs itself (no thread took them) may raise anything: the next
+    queued call still runs, and shutdown returns normally."""
+    pool = WorkerPool(asyncio.get_running_loop(), 4, name="asyncwsgi_test")
+    ran: list[int] = []
+
+    def leave() -> None:
+        raise SystemExit(1)
+
+    pool.submit(leave)
+    pool.submit(ran.append, 1)
+    with watch_errors() as log:
+        assert pool.shutdown(TIMEOUT) == 0
+    assert ran == [1]
+    assert len(log.errors()) == 1
