@@ -1061,5 +1061,5 @@ def _close_quietly(wrapper: FileWrapper) -> None:
     """Worker thread: close a file body, logging (not raising) an error."""
     try:
         wrapper.close()
-    except Exception:
+    except BaseException:  # app code: SystemExit and the like are logged too, never propagated
         error_logger.exception("Error closing a file response")

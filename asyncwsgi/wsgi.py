@@ -231,10 +231,14 @@ def run_wsgi(
 ) -> None:
     """Run one request through the application and hand its response to ``sink``.
 
-    Worker thread only. Never raises (except ``BaseException`` such as ``SystemExit`` after
-    handling it): an application error before the head was handed over becomes a 500 and a
-    logged traceback; after it, the connection is aborted. ``close()`` of the result runs in a
-    ``finally`` (PEP 3333 "Specification Details").
+    Worker thread only. Never raises: an application error before the head was handed over
+    becomes a 500 and a logged traceback; after it, the connection is aborted. That includes
+    every ``BaseException`` the application's code raises (from the call, ``start_response``,
+    iterating the result or reading ``wsgi.input``): ``sys.exit()`` or argparse in a view raises
+    ``SystemExit`` in this worker thread, which must neither end the thread nor stop the server
+    (signals, and so a real Ctrl-C, only ever reach the main thread). ``close()`` of the result
+    runs in a ``finally``, exactly once (PEP 3333 "Specification Details"); whatever it raises is
+    logged, never propagated.
 
     A client still connected that timed out (``wsgi.input`` got no data for ``timeout_read``
     seconds, or the response waited ``timeout_write`` seconds for it to read) gets 408 when the
@@ -273,19 +277,16 @@ def run_wsgi(
             _send_iterable(response, result)
     except ClientDisconnected as exc:
         _client_gone(response, environ, exc)
-    except Exception:
+    except BaseException:  # SystemExit, KeyboardInterrupt... too: they are the app's, not ours
         _fail(response, environ, sys.exc_info())
-    except BaseException:
-        _fail(response, environ, sys.exc_info())
-        raise
     finally:
         if result is not None:
-            close = getattr(result, "close", None)
-            if close is not None:
-                try:
+            try:
+                close = getattr(result, "close", None)
+                if close is not None:
                     close()
-                except Exception:
-                    logger.exception("Error closing the response of %s", _path(environ))
+            except BaseException:
+                logger.exception("Error closing the response of %s", _path(environ))
 
 
 def _send_sequence(response: _Response, result: list[bytes] | tuple[bytes, ...]) -> None:

@@ -23,6 +23,8 @@ from asyncwsgi.bridge import EMPTY_BODY, Head, RequestBody, ResponseSink, Worker
 from asyncwsgi.errors import ClientDisconnected
 from asyncwsgi.filewrapper import FileWrapper
 
+from .logwatch import watch_errors
+
 TIMEOUT = 10.0
 #: The sink's and the body's own timeout: longer than a test waits, so that a lost wake-up fails
 #: the test (the worker is still blocked) instead of ending in a timeout error that looks alike.
@@ -750,3 +752,229 @@ async def test_pool_shutdown_runs_calls_no_thread_took() -> None:
     pool.submit(ran.append, 1)  # shutdown starts before the loop wakes a thread for it
     assert pool.shutdown(TIMEOUT) == 0
     assert ran == [1]
+
+
+@pytest.mark.parametrize("error", [SystemExit, KeyboardInterrupt, GeneratorExit, RuntimeError])
+async def test_pool_thread_survives_whatever_a_call_raises(error: type[BaseException]) -> None:
+    """A call raising SystemExit, KeyboardInterrupt... is logged, and the pool's only thread goes
+    on to run the next calls: it is neither lost nor left counted as busy."""
+    pool = WorkerPool(asyncio.get_running_loop(), 1, name="asyncwsgi_test", stall=NEVER)
+    try:
+        with watch_errors() as log:
+            for _ in range(3):
+
+                def boom() -> None:
+                    raise error("from a call")
+
+                pool.submit(boom)
+            done = threading.Event()
+            pool.submit(done.set)
+            assert await asyncio.to_thread(done.wait, TIMEOUT)
+        assert [r.exc_info[0] if r.exc_info else None for r in log.errors()] == [error] * 3
+        assert pool.threads == 1
+    finally:
+        assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
+
+
+async def test_pool_shutdown_survives_a_queued_call_that_raises_system_exit() -> None:
+    """Calls that shutdown runs itself (no thread took them) may raise anything: the next
+    queued call still runs, and shutdown returns normally."""
+    pool = WorkerPool(asyncio.get_running_loop(), 4, name="asyncwsgi_test")
+    ran: list[int] = []
+
+    def leave() -> None:
+        raise SystemExit(1)
+
+    pool.submit(leave)
+    pool.submit(ran.append, 1)
+    with watch_errors() as log:
+        assert pool.shutdown(TIMEOUT) == 0
+    assert ran == [1]
+    assert len(log.errors()) == 1
+
+
+class _ProbeLock:
+    """The pool's lock, reporting when the loop thread finds it held and when a worker thread
+    releases it (callbacks run in the thread concerned)."""
+
+    def __init__(self, loop_thread: int) -> None:
+        self._lock = threading.Lock()
+        self._loop_thread = loop_thread
+        self.loop_blocked: Callable[[], None] = lambda: None
+        self.worker_released: Callable[[], None] = lambda: None
+
+    def __enter__(self) -> bool:
+        if not self._lock.acquire(blocking=False):
+            if threading.get_ident() == self._loop_thread:
+                self.loop_blocked()
+            self._lock.acquire()
+        return True
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+        if threading.get_ident() != self._loop_thread:
+            self.worker_released()
+
+
+class _ParkedList(list[Any]):
+    """The pool's list of parked threads, with a hook at each operation of the park/wake race."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_append: Callable[[], None] = lambda: None
+        self.on_pop: Callable[[], None] = lambda: None
+        self.after_pop: Callable[[], None] = lambda: None
+        self.on_remove: Callable[[], None] = lambda: None
+
+    def append(self, item: Any) -> None:
+        super().append(item)
+        self.on_append()
+
+    def pop(self, index: Any = -1) -> Any:
+        self.on_pop()
+        try:
+            return super().pop(index)
+        finally:
+            self.after_pop()
+
+    def remove(self, item: Any) -> None:
+        super().remove(item)
+        self.on_remove()
+
+
+async def test_pool_park_and_wake_interleaved_never_fail() -> None:
+    """The race a free-threaded build (or an ill-timed GIL switch) exposes, forced step by step:
+    a worker parks just as the loop, with a call to hand over, wakes a parked thread. The
+    worker's "park unless a call is waiting" and the loop's "pop a parked thread" must not
+    interleave: the loop popping the entry the worker has just taken back raised IndexError in
+    the loop's wake-up callback. Here the worker is held right after it parked, and the loop
+    right before its pop, each until the other has done all it can; the call must run and the
+    loop see no error."""
+    loop = asyncio.get_running_loop()
+    loop_errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: loop_errors.append(context))
+    pool = WorkerPool(loop, 1, name="asyncwsgi_test", stall=NEVER)
+    parked = _ParkedList()
+    probe = _ProbeLock(threading.get_ident())
+    pool._parked = parked  # type: ignore[assignment]
+    pool._lock = probe  # type: ignore[assignment]
+    try:
+        worker_parked = threading.Event()
+        resume_worker = threading.Event()  # the loop reached its pop, or waits for the lock
+        resume_loop = threading.Event()  # the worker took itself back, or left the lock
+        popped = threading.Event()  # the loop's pop is over (or failed)
+        armed = threading.Event()
+
+        def on_append() -> None:
+            if armed.is_set():
+                worker_parked.set()
+                assert resume_worker.wait(TIMEOUT)
+
+        def on_pop() -> None:
+            if armed.is_set():
+                resume_worker.set()
+                assert resume_loop.wait(TIMEOUT)
+
+        def on_remove() -> None:  # the worker took itself back: it waits for the loop's pop
+            resume_loop.set()
+            if armed.is_set():
+                assert popped.wait(TIMEOUT)
+
+        parked.on_append = on_append
+        parked.on_pop = on_pop
+        parked.after_pop = lambda: armed.is_set() and popped.set()
+        parked.on_remove = on_remove
+        probe.loop_blocked = resume_worker.set
+        probe.worker_released = lambda: worker_parked.is_set() and resume_loop.set()
+
+        armed.set()
+        first, second = threading.Event(), threading.Event()
+        pool.submit(first.set)  # starts the thread, which parks after it: held in on_append
+        assert await asyncio.to_thread(first.wait, TIMEOUT)
+        assert await asyncio.to_thread(worker_parked.wait, TIMEOUT)
+        pool.submit(second.set)  # the loop's wake-up meets the parking worker
+        assert await asyncio.to_thread(second.wait, TIMEOUT)
+        armed.clear()
+        third = threading.Event()
+        pool.submit(third.set)  # and the pool is still consistent: the next call runs
+        assert await asyncio.to_thread(third.wait, TIMEOUT)
+        assert pool.threads == 1
+    finally:
+        armed.clear()
+        resume_worker.set()
+        resume_loop.set()
+        popped.set()
+        assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
+        loop.set_exception_handler(None)
+    assert not loop_errors, [context.get("exception") for context in loop_errors]
+
+
+async def test_pool_runs_a_call_submitted_after_shutdown() -> None:
+    """A call submitted once shutdown has stopped the threads (a file body's close() after its
+    connection was cut, say) still runs, in a thread started for it, instead of waiting forever
+    behind a pool that counted its ended threads as still there."""
+    pool = WorkerPool(asyncio.get_running_loop(), 2, name="asyncwsgi_test", stall=NEVER)
+    warm = threading.Event()
+    pool.submit(warm.set)
+    assert await asyncio.to_thread(warm.wait, TIMEOUT)
+    assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
+    late = threading.Event()
+    pool.submit(late.set)
+    assert await asyncio.to_thread(late.wait, TIMEOUT)
+    assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
+    assert pool.threads == 0
+    assert not any(thread.name.startswith("asyncwsgi_test") for thread in threading.enumerate())
+
+
+async def test_pool_thread_that_fails_to_start_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Thread.start()`` failing ("can't start new thread") is logged, the thread is not
+    counted, and the stall check starts one again: the queued call runs."""
+    start = threading.Thread.start
+    failures = [RuntimeError("can't start new thread")]
+
+    def flaky_start(self: threading.Thread) -> None:
+        if self.name.startswith("asyncwsgi_test") and failures:
+            raise failures.pop()
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", flaky_start)
+    pool = WorkerPool(asyncio.get_running_loop(), 1, name="asyncwsgi_test")
+    try:
+        with watch_errors() as log:
+            done = threading.Event()
+            pool.submit(done.set)
+            assert await asyncio.to_thread(done.wait, TIMEOUT)
+        assert not failures
+        assert [r.getMessage() for r in log.errors()] == [
+            "Cannot start a worker thread (0 of 1 running): can't start new thread "
+            "(1 failure(s) since the last report); retrying"
+        ]
+        assert pool.threads == 1
+    finally:
+        assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
+
+
+async def test_pool_thread_that_fails_outside_a_call_is_replaced() -> None:
+    """Should a thread end anyway (an error in the pool's own code, injected here into the
+    queue), it is not left counted: the stall check starts another for the waiting call."""
+
+    class FlakyQueue(deque[Any]):
+        fail = True
+
+        def popleft(self) -> Any:
+            if self.fail:
+                self.fail = False
+                raise MemoryError("injected")
+            return super().popleft()
+
+    pool = WorkerPool(asyncio.get_running_loop(), 1, name="asyncwsgi_test")
+    pool._calls = FlakyQueue()
+    try:
+        with watch_errors() as log:
+            done = threading.Event()
+            pool.submit(done.set)
+            assert await asyncio.to_thread(done.wait, TIMEOUT)
+        assert [r.exc_info[0] if r.exc_info else None for r in log.errors()] == [MemoryError]
+        assert pool.threads == 1
+    finally:
+        assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0

@@ -8,8 +8,10 @@ everything the server sent before the EOF, so a malformed byte anywhere fails th
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -278,3 +280,169 @@ async def test_body_longer_than_content_length_keeps_the_connection_usable() -> 
             client.start_next_cycle()
     assert bodies == [b"abc", b"abc"]
     assert len(log.errors()) == 2  # one per response
+
+
+# -- BaseException from application code: answered, logged, and the thread lives on --------------
+
+
+class AppBaseError(BaseException):
+    """A BaseException subclass of the application's own (as some task libraries define)."""
+
+
+BASE_EXCEPTIONS: dict[str, type[BaseException]] = {
+    "SystemExit": SystemExit,
+    "KeyboardInterrupt": KeyboardInterrupt,
+    "GeneratorExit": GeneratorExit,
+    "BaseException subclass": AppBaseError,
+}
+
+
+class _Body:
+    """A response iterable that raises ``error`` at a given point and counts ``close()`` calls."""
+
+    def __init__(self, error: type[BaseException], raise_in: str, closes: list[int]) -> None:
+        self.error = error
+        self.raise_in = raise_in
+        self.closes = closes
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.raise_in == "first chunk":
+            raise self.error("from the first chunk")
+        yield b"part one, "
+        if self.raise_in == "mid-body":
+            raise self.error("from mid-body")
+        yield b"part two"
+
+    def close(self) -> None:
+        self.closes.append(1)
+        if self.raise_in == "close()":
+            raise self.error("from close()")
+
+
+class _FileClosing(io.FileIO):
+    """A real file (so it goes out by sendfile) whose first ``close()`` raises ``error``."""
+
+    error: type[BaseException] = SystemExit
+
+    def close(self) -> None:
+        first = not self.closed
+        super().close()
+        if first:
+            raise self.error("from the file's close()")
+
+
+def raising(error: type[BaseException], where: str, closes: list[int], path: str) -> App:
+    """An app that raises ``error`` from ``where`` (a key of :data:`RAISE_PLACES`)."""
+
+    def app(environ: Environ, start_response: Any) -> Any:
+        if where == "app call":
+            raise error("from the app call")
+        if where == "reading wsgi.input":
+            environ["wsgi.input"].read(4)
+            raise error("while reading the body")
+        if where == "start_response(exc_info)":
+            start_response("200 OK", [])
+
+            def body() -> Iterator[bytes]:
+                yield b"sent, "
+                try:
+                    raise error("re-raised by start_response")
+                except BaseException:
+                    start_response("500 Internal Server Error", [], sys.exc_info())
+
+            return body()
+        if where == "file_wrapper close()":
+            start_response("200 OK", [("Content-Length", "8")])
+            file = _FileClosing(path)
+            file.error = error
+            return environ["wsgi.file_wrapper"](file)
+        start_response("200 OK", [])
+        return _Body(error, where, closes)
+
+    return app
+
+
+# where the application raises: what the client sees, and whether a result was returned to close
+RAISE_PLACES: dict[str, str] = {
+    "app call": "500",
+    "reading wsgi.input": "500",
+    "first chunk": "500",
+    "mid-body": "cut",
+    "start_response(exc_info)": "cut",
+    "close()": "200",
+    "file_wrapper close()": "200",
+}
+
+POST_BAD = (
+    b"POST /bad HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 8\r\n\r\n12345678"
+)
+
+
+@pytest.mark.parametrize("where", list(RAISE_PLACES))
+@pytest.mark.parametrize("name", list(BASE_EXCEPTIONS))
+async def test_base_exception_from_the_app_is_answered_and_the_thread_lives_on(
+    name: str, where: str, tmp_path: Path
+) -> None:
+    """With one thread, three requests that raise SystemExit, KeyboardInterrupt... each get their
+    500 (or cut, once the head went out), one logged traceback and one close(); a fourth, normal
+    request still gets 200: the pool's only thread survived every one of them."""
+    error = BASE_EXCEPTIONS[name]
+    expected = RAISE_PLACES[where]
+    path = tmp_path / "body"
+    path.write_bytes(b"complete")
+    closes: list[int] = []
+    bad = raising(error, where, closes, str(path))
+
+    def router(environ: Environ, start_response: Any) -> Any:
+        if environ["PATH_INFO"] == "/ok":
+            start_response("200 OK", [("Content-Length", "2")])
+            return [b"ok"]
+        return bad(environ, start_response)
+
+    rounds = 3
+    with watch_errors() as log:
+        async with running(router, threads=1) as srv:
+            raws = [await exchange(srv.port, POST_BAD) for _ in range(rounds)]
+            ok = await exchange(srv.port, OK_REQUEST)
+            errors = log.errors()
+    assert ok.startswith(b"HTTP/1.1 200 ")
+    assert ok.endswith(b"\r\n\r\nok")
+    for raw in raws:
+        responses, cut = check_framing(raw)
+        if expected == "500":
+            assert [status for status, _ in responses] == [500]
+            assert not cut
+        elif expected == "cut":
+            assert raw.startswith(b"HTTP/1.1 200 ")
+            assert cut
+        else:
+            assert responses == [(200, b"complete" if "file" in where else b"part one, part two")]
+    # One traceback per request, of the exception the app raised.
+    assert [r.exc_info[0] if r.exc_info else None for r in errors] == [error] * rounds, [
+        r.getMessage() for r in errors
+    ]
+    if where in ("first chunk", "mid-body", "close()"):
+        assert len(closes) == rounds  # close() exactly once per response
+    if "close()" in where:  # logged as the close() that failed, not as a stray thread error
+        assert all(r.getMessage().startswith("Error closing") for r in errors)
+
+
+async def test_system_exit_in_every_thread_leaves_the_pool_serving() -> None:
+    """``sys.exit()`` in a view, once per thread and more, with two threads: every request gets
+    its 500 and a later request still gets 200 (the threads were not lost, nor counted busy)."""
+
+    def app(environ: Environ, start_response: Any) -> Any:
+        if environ["PATH_INFO"] == "/ok":
+            start_response("200 OK", [("Content-Length", "2")])
+            return [b"ok"]
+        sys.exit("argparse said no")
+
+    with watch_errors() as log:
+        async with running(app, threads=2) as srv:
+            raws = [await exchange(srv.port, BAD_REQUEST) for _ in range(5)]
+            oks = [await exchange(srv.port, OK_REQUEST) for _ in range(3)]
+        errors = log.errors()
+    assert all(raw.startswith(b"HTTP/1.1 500 ") for raw in raws)
+    assert all(ok.endswith(b"\r\n\r\nok") for ok in oks)
+    assert len(errors) == 5
+    assert all(r.exc_info and r.exc_info[0] is SystemExit for r in errors)

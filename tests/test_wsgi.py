@@ -691,25 +691,84 @@ def test_error_before_the_head_on_a_disconnected_client_sends_nothing(
     assert len(errors()) == 1
 
 
-def test_base_exception_is_handled_then_reraised() -> None:
-    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        raise KeyboardInterrupt
+class Interrupting(Closing):
+    """A response whose iteration or ``close()`` raises a BaseException; counts closes."""
+
+    def __init__(self, error: BaseException, where: str) -> None:
+        super().__init__([b"a", b"b"])
+        self.error = error
+        self.where = where
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.where == "first chunk":
+            raise self.error
+        yield b"a"
+        if self.where == "mid-body":
+            raise self.error
+        yield b"b"
+
+    def close(self) -> None:
+        super().close()
+        if self.where == "close()":
+            raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [SystemExit(2), KeyboardInterrupt(), GeneratorExit(), type("AppError", (BaseException,), {})()],
+    ids=lambda error: type(error).__name__,
+)
+@pytest.mark.parametrize("where", ["app call", "first chunk", "mid-body", "close()"])
+def test_base_exception_is_answered_logged_and_not_raised(
+    error: BaseException, where: str, errors: Callable[[], list[logging.LogRecord]]
+) -> None:
+    """SystemExit (``sys.exit()`` in a view), KeyboardInterrupt... raised by the application's
+    code are handled like any error: 500 or abort, one logged traceback, close() once; and
+    run_wsgi returns normally, so the worker thread that runs it goes on (``run`` fails the test
+    if run_wsgi raises)."""
+    result = Interrupting(error, where)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Interrupting:
+        if where == "app call":
+            raise error
+        start_response("200 OK", [])
+        return result
 
     sink = FakeSink()
-    raised: list[BaseException] = []
+    run(app, sink)
+    if where in ("app call", "first chunk"):
+        assert_500(sink)
+    elif where == "mid-body":
+        assert sink.aborts == 1
+        assert not sink.ended
+    else:
+        assert sink.body == b"ab"
+        assert sink.ended
+    assert [record.exc_info[1] if record.exc_info else None for record in errors()] == [error]
+    assert result.closes == (0 if where == "app call" else 1)
 
-    def target() -> None:
-        try:
-            run_wsgi(app, make_environ(), sink)
-        except KeyboardInterrupt as exc:
-            raised.append(exc)
 
-    thread = threading.Thread(target=target, name="test-run-wsgi", daemon=True)
-    thread.start()
-    thread.join(TIMEOUT)
-    assert not thread.is_alive()
-    assert len(raised) == 1
-    assert_500(sink)
+def test_base_exception_looking_up_close_is_logged_and_not_raised(
+    errors: Callable[[], list[logging.LogRecord]],
+) -> None:
+    """A result whose ``close`` attribute lookup itself raises (a ``__getattr__``) is logged."""
+
+    class Proxy:
+        def __iter__(self) -> Iterator[bytes]:
+            return iter([b"body"])
+
+        def __getattr__(self, name: str) -> Any:
+            raise SystemExit(f"no {name}")
+
+    def app(environ: dict[str, Any], start_response: Any) -> Proxy:
+        start_response("200 OK", [])
+        return Proxy()
+
+    sink = FakeSink()
+    run(app, sink)
+    assert sink.body == b"body"
+    assert sink.ended
+    assert [record.exc_info[0] if record.exc_info else None for record in errors()] == [SystemExit]
 
 
 # -- close() exactly once ---------------------------------------------------------------------
