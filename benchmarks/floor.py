@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import email.utils
+import socket
 import time
 from collections.abc import Callable
 from typing import cast
@@ -154,7 +155,12 @@ async def serve(kind: str, host: str, port: int, backlog: int) -> None:
     hello = Hello()
     hello.keep_fresh(loop)
     factory = PROTOCOLS[kind]
-    server = await loop.create_server(lambda: factory(hello), host, port, backlog=backlog)
+    # A socket bound here, not a host name: libuv resolves names on its thread pool, and the
+    # floor runs no thread but the loop's.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = await loop.create_server(lambda: factory(hello), sock=sock, backlog=backlog)
     print(f"floor-{kind} listening at http://{host}:{port}", flush=True)
     async with server:
         await server.serve_forever()

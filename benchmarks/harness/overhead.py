@@ -135,8 +135,9 @@ def markdown(rows: Sequence[Summary], o: Overhead | None) -> list[str]:
         "median of the rounds). The floor rows are single-threaded uvloop servers",
         "(`benchmarks/floor.py`) sending the same bytes as asyncwsgi; each row adds one layer.",
         "",
-        "| server | CPU µs/req | + over the row above | req/s | wrk CPU % | what it costs |",
-        "|---|---:|---:|---:|---:|---|",
+        "| server | CPU µs/req | + over the row above | req/s | wrk CPU % | noise % "
+        "| what it costs |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     previous: float | None = None
     for name in present:
@@ -144,7 +145,7 @@ def markdown(rows: Sequence[Summary], o: Overhead | None) -> list[str]:
         step = f"{cpu_us(s) - previous:.1f}" if previous is not None else "-"
         lines.append(
             f"| {name} | {cpu_us(s):.1f} | {step} | {s.rps:,.0f} | {s.wrk_cpu_pct:.0f} "
-            f"| {ROLES[name]} |"
+            f"| {s.noise_pct:.0f} | {ROLES[name]} |"
         )
         previous = cpu_us(s)
     lines.append("")
@@ -160,7 +161,8 @@ def markdown(rows: Sequence[Summary], o: Overhead | None) -> list[str]:
     lines += [
         "CPU per request is only comparable between rows whose server core was busy: where",
         "wrk CPU % is near 100, wrk was the limit and the row's CPU per request includes idle",
-        "wake-ups.",
+        "wake-ups. Where noise % is more than a few %, other processes shared the server's",
+        "core and the difference is suspect: rerun on a quiet machine.",
         "",
     ]
     return lines

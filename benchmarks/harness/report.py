@@ -221,9 +221,9 @@ class Report:
             "Medians of req/s (for idle and slowloris: hello req/s with the extra connections",
             "open). Python peers are gunicorn, waitress, cheroot and uvicorn: their HTTP handling",
             "runs in Python. granian's runs in Rust; wsgiref (HTTP/1.0, a thread per connection)",
-            "is the floor; nginx is the static-file / fixed-response reference. floor-h11 and",
-            "floor-uvloop (hello only, not WSGI) are what h11 and the kernel cost per request:",
-            'see "The floor" under hello.',
+            "is the low baseline; nginx is the static-file / fixed-response reference.",
+            "floor-h11 and floor-uvloop (hello only, not WSGI) are what h11 and the kernel cost",
+            'per request: see "The floor" under hello.',
             "",
             "| scenario | asyncwsgi | best Python peer | asyncwsgi / it | best peer (any) "
             "| asyncwsgi / it | nginx |",
