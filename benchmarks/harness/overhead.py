@@ -153,7 +153,8 @@ def markdown(rows: Sequence[Summary], o: Overhead | None) -> list[str]:
         rounds = ", ".join(f"{us:.1f}" for us in o.per_round_us) or "-"
         lines += [
             f"**Our own overhead: {o.overhead_us:.1f} µs per request, {o.share:.0%} of "
-            f"floor-h11's CPU per request** (per round: {rounds} µs). Limit "
+            f"floor-h11's CPU per request** (the difference of the medians above; round by round: "
+            f"{rounds} µs). Limit "
             f"max({LIMIT_US:.0f} µs, {LIMIT_SHARE:.0%} of floor-h11) = {o.limit_us:.1f} µs: "
             f"{o.verdict()}.",
             "",
