@@ -11,6 +11,7 @@ VENV_DIR = BENCH_DIR / ".venv"
 RESULTS_DIR = BENCH_DIR / "results"
 CHECK_LUA = BENCH_DIR / "wrk" / "check.lua"
 LAUNCH_PY = BENCH_DIR / "launch.py"
+FLOOR_PY = BENCH_DIR / "floor.py"
 BENCH_SERVER_PY = BENCH_DIR / "bench_server.py"
 IDLE_CLIENTS_PY = BENCH_DIR / "idle_clients.py"
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import overhead
 from .constants import BENCH_DIR, REPO_ROOT, RESULTS_DIR, MiB
 from .environment import installed_dists, log, nginx_binary, server_env
 from .options import Options
@@ -159,6 +160,10 @@ class Report:
                 out.append(summarise(server, runs))
         return out
 
+    def overhead(self) -> overhead.Overhead | None:
+        """asyncwsgi's CPU per hello request minus floor-h11's, when both ran."""
+        return overhead.measure(self.summaries(overhead.SCENARIO), self.results)
+
     def scenarios_done(self) -> list[str]:
         done = {r.scenario for r in self.results}
         return [name for name in self.opts.scenarios if name in done]
@@ -216,7 +221,9 @@ class Report:
             "Medians of req/s (for idle and slowloris: hello req/s with the extra connections",
             "open). Python peers are gunicorn, waitress, cheroot and uvicorn: their HTTP handling",
             "runs in Python. granian's runs in Rust; wsgiref (HTTP/1.0, a thread per connection)",
-            "is the floor; nginx is the static-file / fixed-response reference.",
+            "is the low baseline; nginx is the static-file / fixed-response reference.",
+            "floor-h11 and floor-uvloop (hello only, not WSGI) are what h11 and the kernel cost",
+            'per request: see "The floor" under hello.',
             "",
             "| scenario | asyncwsgi | best Python peer | asyncwsgi / it | best peer (any) "
             "| asyncwsgi / it | nginx |",
@@ -245,6 +252,8 @@ class Report:
             if target is not None:
                 goal, measured, met = target
                 rows.append(f"| {scenario} | {goal} | {measured} | {'met' if met else 'missed'} |")
+            if scenario == overhead.SCENARIO and (ours := self.overhead()) is not None:
+                rows.append(overhead.target_row(ours))
         if not rows:
             return []
         return [
@@ -354,7 +363,10 @@ class Report:
                 f"| {s.errors_text()} | {s.rss_mib:.1f} | {s.cpu_ms_per_req:.3f} "
                 f"| {s.threads:.0f} | {s.wrk_cpu_pct:.0f} | {s.noise_pct:.0f} |"
             )
-        return [*lines, *self.failure_notes(rows), ""]
+        lines += [*self.failure_notes(rows), ""]
+        if scenario == overhead.SCENARIO:
+            lines += overhead.markdown(rows, self.overhead())
+        return lines
 
     def sleep_bounds(self) -> list[str]:
         o = self.opts
@@ -447,6 +459,7 @@ class Report:
                 scenario: [dataclasses.asdict(s) for s in self.summaries(scenario)]
                 for scenario in self.scenarios_done()
             },
+            "overhead": dataclasses.asdict(ours) if (ours := self.overhead()) else None,
             "runs": [dataclasses.asdict(r) for r in self.results],
         }
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .constants import BENCH_DIR, LAUNCH_PY, KiB, MiB
+from .constants import BENCH_DIR, FLOOR_PY, LAUNCH_PY, KiB, MiB
 from .environment import bench_file_path, nginx_binary, static_file
 from .scenarios import Scenario
 
@@ -163,6 +163,18 @@ http {{
     return [nginx_binary(), "-p", str(temp), "-c", str(conf_path), "-e", "stderr"]
 
 
+#: The floor rows answer hello only: they run no WSGI application (see floor.py).
+FLOOR_SCENARIOS = frozenset({"hello"})
+
+
+def cmd_floor(kind: str) -> Callable[[LaunchContext], list[str]]:
+    def build(ctx: LaunchContext) -> list[str]:
+        cmd = [ctx.python, str(FLOOR_PY), kind, "--host", "127.0.0.1", "--port", str(ctx.port)]
+        return [*cmd, "--backlog", str(TUNED_BACKLOG)]
+
+    return build
+
+
 SERVERS: dict[str, Server] = {
     s.name: s
     for s in (
@@ -239,11 +251,30 @@ SERVERS: dict[str, Server] = {
             scenarios=NGINX_SCENARIOS,
             reference=True,
         ),
+        Server(
+            "floor-h11",
+            "uvloop Protocol + h11, fixed hello response, no threads (reference, not WSGI)",
+            ("uvloop",),
+            ("uvloop", "h11"),
+            cmd_floor("h11"),
+            scenarios=FLOOR_SCENARIOS,
+            reference=True,
+        ),
+        Server(
+            "floor-uvloop",
+            "uvloop Protocol, fixed bytes per request head, no parsing (reference, not WSGI)",
+            ("uvloop",),
+            ("uvloop",),
+            cmd_floor("uvloop"),
+            scenarios=FLOOR_SCENARIOS,
+            reference=True,
+        ),
     )
 }
 
 
-QUICK_SERVERS = ("asyncwsgi", "waitress", "gunicorn-gthread")
+#: The floor rows are cheap (hello only) and keep their code path exercised in CI.
+QUICK_SERVERS = ("asyncwsgi", "waitress", "gunicorn-gthread", "floor-h11", "floor-uvloop")
 
 BASE_REQUIREMENTS = ("h11",)
 SCENARIO_REQUIREMENTS = {"flask": ("flask",), "django": ("django",)}
