@@ -206,7 +206,7 @@ def test_max_requests_recycles_workers(app_dir: Path) -> None:
         for _ in range(5):
             _get(port)
         proc.wait_for("Maximum request limit of 5 exceeded")
-        proc.wait_for("exited; starting a new one")
+        proc.wait_for("reached --max-requests; starting a new one")
         proc.wait_for("Listening at", count=2)
         assert int(_get(port).split()[0]) != first
     finally:
@@ -277,3 +277,153 @@ def test_reload_restarts_on_change_and_survives_syntax_error(app_dir: Path) -> N
         assert not [line for line in proc.lines if "notes.txt" in line]
     finally:
         assert proc.stop() == 0
+
+
+# -- generations: SIGHUP, crashes and boot failures during a reload --------------------------
+
+SLOW_APP = """
+import os
+import time
+
+time.sleep({boot_delay})  # a slow import: the window in which a replacement boots
+
+def app(environ, start_response):
+    seconds = float(environ.get("QUERY_STRING") or 0)
+    body = ("%d %s" % (os.getpid(), VERSION)).encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    time.sleep(seconds)
+    return [body]
+
+VERSION = "{version}"
+"""
+
+
+def _slow_app(app_dir: Path, version: str, boot_delay: float = 0.0) -> None:
+    _write(app_dir / "pidapp.py", SLOW_APP.format(version=version, boot_delay=boot_delay))
+
+
+def _children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (Linux)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    alive = set()
+    for child in map(int, text.split()):
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue
+        if state != "Z":
+            alive.add(child)
+    return alive
+
+
+def _converges(proc: Proc, port: int, count: int, version: str) -> None:
+    """Wait until the supervisor has exactly ``count`` workers, each serving ``version``
+    (bounded polling of process state: no event tells that a process has exited)."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        children = _children(proc.proc.pid)
+        if len(children) == count:
+            answers = {_get(port) for _ in range(8 * count)}
+            if all(a.split()[1] == version for a in answers):
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{len(children)} workers, expected {count} serving {version}:\n"
+                + "".join(proc.lines)
+            )
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.proc.wait(0.1)  # the supervisor must still run
+
+
+def test_second_sighup_during_reload_ends_with_newest_code(app_dir: Path) -> None:
+    """Each SIGHUP is a new generation: a second one while the first is under way is not lost,
+    and the count of workers comes back to --workers."""
+    port = _free_port()
+    _slow_app(app_dir, "v1", boot_delay=0.5)
+    proc = Proc(["pidapp:app", "--port", str(port), "-w", "2", "--no-access-log"], app_dir)
+    try:
+        proc.wait_for("Listening at", count=2)
+        _slow_app(app_dir, "v2", boot_delay=0.5)
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_for("Listening at", count=3)  # the first replacement is up
+        _slow_app(app_dir, "v3", boot_delay=0.5)
+        proc.proc.send_signal(signal.SIGHUP)
+        _converges(proc, port, 2, "v3")
+    finally:
+        assert proc.stop() == 0
+
+
+def test_sighup_while_a_retired_worker_drains_does_not_signal_it_again(app_dir: Path) -> None:
+    """A worker finishing its requests after a reload is neither replaced again nor sent a
+    second SIGTERM (which would cut its request)."""
+    port = _free_port()
+    _slow_app(app_dir, "v1")
+    proc = Proc(["pidapp:app", "--port", str(port), "-w", "2", "--no-access-log"], app_dir)
+    result: list[str] = []
+    try:
+        proc.wait_for("Listening at", count=2)
+
+        def slow_request() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            try:
+                conn.request("GET", "/?6")
+                response = conn.getresponse()
+                result.append(f"{response.status} {response.read().decode()}")
+            except Exception as exc:
+                result.append(repr(exc))
+            finally:
+                conn.close()
+
+        client = threading.Thread(target=slow_request)
+        client.start()
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_for("Received SIGTERM, shutting down", count=2)  # both old workers retired
+        proc.proc.send_signal(signal.SIGHUP)
+        client.join(DEADLINE)
+        assert result == [result[0]]
+        assert result[0].startswith("200 "), result
+        _converges(proc, port, 2, "v1")
+        assert not [line for line in proc.lines if "Received SIGTERM again" in line]
+    finally:
+        assert proc.stop() == 0
+
+
+def test_worker_killed_while_its_replacement_boots_is_not_respawned(app_dir: Path) -> None:
+    """--workers 2, a 1.5 s import, SIGHUP; the last old worker dies while its replacement
+    boots. The replacement stands in for it: two workers remain, not three."""
+    port = _free_port()
+    _slow_app(app_dir, "v1", boot_delay=1.5)
+    proc = Proc(["pidapp:app", "--port", str(port), "-w", "2", "--no-access-log"], app_dir)
+    try:
+        proc.wait_for("Listening at", count=2)
+        _, last = sorted(_worker_pids(proc))
+        _slow_app(app_dir, "v2", boot_delay=1.5)
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_for("Listening at", count=3)  # the first replacement accepts...
+        proc.wait_for("Booting worker", count=4)  # ...and the second one boots
+        os.kill(last, signal.SIGKILL)
+        proc.wait_for(rf"Worker \(pid: {last}\) died with SIGKILL")
+        proc.wait_for("Listening at", count=4)
+        _converges(proc, port, 2, "v2")
+    finally:
+        assert proc.stop() == 0
+
+
+def test_worker_that_exits_at_import_is_retried_with_backoff_then_stops(tmp_path: Path) -> None:
+    """Any exit before a worker accepts is a boot failure (here sys.exit at import, exit
+    status 1): a bounded number of tries, the reason shown once, then exit status 3."""
+    (tmp_path / "needsdb.py").write_text(
+        'import sys\nsys.exit("DATABASE_URL is not set")\napp = None\n'
+    )
+    proc = Proc(["needsdb:app", "--port", str(_free_port()), "-w", "2"], tmp_path)
+    try:
+        assert proc.proc.wait(DEADLINE) == 3
+        proc.stop()
+        boots = proc.wait_for("Booting worker")
+        failures = proc.wait_for(r"failed to boot \(exit status 1\)")
+        assert len(boots) <= 2 * 5, len(boots)  # --workers x BOOT_TRIES at most
+        assert len(failures) == len(boots)  # each failure logged once, with its reason
+        assert sum("SystemExit: DATABASE_URL is not set" in line for line in proc.lines) == 1
+        proc.wait_for("5 times in a row; stopping")
+    finally:
+        proc.stop()
