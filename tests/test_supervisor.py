@@ -427,3 +427,32 @@ def test_worker_that_exits_at_import_is_retried_with_backoff_then_stops(tmp_path
         proc.wait_for("5 times in a row; stopping")
     finally:
         proc.stop()
+
+
+def test_max_requests_is_a_limit_on_each_worker(app_dir: Path) -> None:
+    """Each worker serves between --max-requests and --max-requests + jitter (+1) requests; the
+    last one it serves carries Connection: close, and no request fails during the hand-over."""
+    port = _free_port()
+    args = ["pidapp:app", "--port", str(port), "-w", "1", "--no-access-log"]
+    proc = Proc([*args, "--max-requests", "2", "--max-requests-jitter", "6"], app_dir)
+    served: list[tuple[int, str | None]] = []
+    try:
+        proc.wait_for("Listening at")
+        for _ in range(60):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("GET", "/")
+                response = conn.getresponse()
+                assert response.status == 200
+                pid = int(response.read().split()[0])
+                served.append((pid, response.getheader("Connection")))
+            finally:
+                conn.close()
+    finally:
+        assert proc.stop() == 0
+    order = list(dict.fromkeys(pid for pid, _ in served))
+    assert len(order) >= 60 // 9
+    for pid in order[:-1]:  # the last worker was stopped before its limit
+        mine = [header for p, header in served if p == pid]
+        assert 2 <= len(mine) <= 2 + 6 + 1, (pid, len(mine))
+        assert mine[-1] == "close"
