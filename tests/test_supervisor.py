@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -456,3 +456,144 @@ def test_max_requests_is_a_limit_on_each_worker(app_dir: Path) -> None:
         mine = [header for p, header in served if p == pid]
         assert 2 <= len(mine) <= 2 + 6 + 1, (pid, len(mine))
         assert mine[-1] == "close"
+
+
+# -- --reload: every way of saving a file ends with that file's code served ------------------
+
+MOD_APP = """
+import os
+
+try:
+    from pidextra import VERSION
+except ImportError:
+    VERSION = "{fallback}"
+
+def app(environ, start_response):
+    body = ("%d %s" % (os.getpid(), VERSION)).encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+def _in_place(path: Path, version: str) -> None:
+    path.write_text(PID_APP.format(version=version))  # truncate, then write
+
+
+def _delete_create(path: Path, version: str) -> None:
+    path.unlink()
+    path.write_text(PID_APP.format(version=version))
+
+
+def _burst(path: Path, version: str) -> None:
+    for step in ("x2", "x3", "x4"):  # never to be served
+        path.write_text(PID_APP.format(version=step))
+    path.write_text(PID_APP.format(version=version))
+
+
+def _rename(path: Path, version: str) -> None:
+    _write(path, PID_APP.format(version=version))
+
+
+def _add_module(path: Path, version: str) -> None:
+    (path.parent / "pidextra.py").write_text(f"VERSION = {version!r}\n")
+
+
+def _delete_module(path: Path, version: str) -> None:
+    (path.parent / "pidextra.py").unlink()
+
+
+def _serve_reload(app_dir: Path, save: Callable[[Path, str], None]) -> tuple[Proc, int]:
+    """Start ``--reload`` on the app that ``save`` will change."""
+    port = _free_port()
+    module_app = save in (_add_module, _delete_module)
+    app = app_dir / "pidapp.py"
+    if module_app and save is _delete_module:
+        app.write_text(MOD_APP.format(fallback="v2"))
+        (app_dir / "pidextra.py").write_text('VERSION = "v1"\n')
+    elif module_app:
+        app.write_text(MOD_APP.format(fallback="v1"))
+    args = ["pidapp:app", "--port", str(port), "--reload", "--reload-dir", str(app_dir)]
+    return Proc([*args, "--no-access-log"], app_dir), port
+
+
+class _Client:
+    """Opens a new connection for each request, back to back, and records every answer's
+    version (or the failure) until stopped; ``seen_final`` is set once ``final`` has answered
+    20 times."""
+
+    def __init__(self, port: int, final: str) -> None:
+        self.port = port
+        self.final = final
+        self.answers: list[str] = []
+        self.failures: list[BaseException] = []
+        self.seen_final = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.answers.append(_get(self.port).split()[1])
+            except Exception as exc:
+                self.failures.append(exc)
+            if self.answers.count(self.final) >= 20:
+                self.seen_final.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(DEADLINE)
+
+
+@pytest.mark.parametrize(
+    "save",
+    [_in_place, _rename, _delete_create, _burst, _add_module, _delete_module],
+    ids=["in-place", "rename", "delete-create", "burst", "add-module", "delete-module"],
+)
+def test_reload_serves_the_saved_code_whatever_the_save_pattern(
+    app_dir: Path, save: Callable[[Path, str], None]
+) -> None:
+    """Under a client opening a new connection for each request: no request fails, and once the
+    new code answers, the old code never answers again (nor does an intermediate save)."""
+    proc, port = _serve_reload(app_dir, save)
+    client = None
+    try:
+        proc.wait_for("Listening at")
+        assert _get(port).split()[1] == "v1"
+        client = _Client(port, "v2")
+        save(app_dir / "pidapp.py", "v2")
+        assert client.seen_final.wait(DEADLINE), (client.answers[-5:], "".join(proc.lines))
+    finally:
+        if client is not None:
+            client.stop()
+        assert proc.stop() == 0
+    assert not client.failures, client.failures[:3]
+    first = client.answers.index("v2")
+    assert set(client.answers[:first]) <= {"v1"}, client.answers
+    assert set(client.answers[first:]) == {"v2"}, client.answers
+    assert len(proc.wait_for(r"Booting worker")) <= 3  # no reload per intermediate save
+
+
+def test_reload_broken_save_then_fixed_save_serves_the_fix(app_dir: Path) -> None:
+    """A save with a syntax error shows the traceback once and keeps the old worker serving;
+    the fixed save is then served. No request fails meanwhile."""
+    port = _free_port()
+    args = ["pidapp:app", "--port", str(port), "--reload", "--reload-dir", str(app_dir)]
+    proc = Proc([*args, "--no-access-log"], app_dir)
+    client = None
+    try:
+        proc.wait_for("Listening at")
+        client = _Client(port, "v3")
+        _write(app_dir / "pidapp.py", "def app(:\n")
+        proc.wait_for("reload abandoned")  # tried twice, the old worker still serves
+        assert _get(port).split()[1] == "v1"
+        _write(app_dir / "pidapp.py", PID_APP.format(version="v3"))
+        assert client.seen_final.wait(DEADLINE), "".join(proc.lines)
+    finally:
+        if client is not None:
+            client.stop()
+        assert proc.stop() == 0
+    assert not client.failures, client.failures[:3]
+    assert set(client.answers) == {"v1", "v3"}
+    assert sum(line.startswith("SyntaxError") for line in proc.lines) == 1
+    assert len(proc.wait_for(r"failed to boot \(exit status 3\)")) == 2
