@@ -597,3 +597,20 @@ def test_reload_broken_save_then_fixed_save_serves_the_fix(app_dir: Path) -> Non
     assert set(client.answers) == {"v1", "v3"}
     assert sum(line.startswith("SyntaxError") for line in proc.lines) == 1
     assert len(proc.wait_for(r"failed to boot \(exit status 3\)")) == 2
+
+
+def test_a_changed_file_loses_its_cached_bytecode(tmp_path: Path) -> None:
+    """A same-size edit within the same second keeps a timestamp-based .pyc valid; the
+    supervisor removes it so that the next worker compiles the saved source."""
+    import importlib.util
+    import py_compile
+
+    from asyncwsgi.supervisor import _forget_bytecode
+
+    source = tmp_path / "mod.py"
+    source.write_text('VERSION = "v1"\n')
+    cached = Path(py_compile.compile(str(source)))
+    assert cached == Path(importlib.util.cache_from_source(str(source)))
+    _forget_bytecode(str(source))
+    assert not cached.exists()
+    _forget_bytecode(str(source))  # already gone: nothing to do
