@@ -218,6 +218,8 @@ class Supervisor:
         if self._reload_requested:
             self._reload_requested = False
             self._new_generation()
+            for path in changed:
+                _forget_bytecode(path)
         self._manage()
         if self._reopen_logs:
             self._reopen_logs = False
@@ -632,6 +634,18 @@ def _watch_files(dirs: list[str], watch_filter: _ReloadFilter, out: int) -> int:
         except BrokenPipeError:
             return 0
     return 0
+
+
+def _forget_bytecode(path: str) -> None:
+    """Remove the cached bytecode of a changed ``.py`` file. A timestamp-based ``.pyc`` records
+    the source's mtime in whole seconds and its size, so a same-size edit within a second of
+    the last import would otherwise load the old code."""
+    if not path.endswith(".py"):
+        return
+    import importlib.util
+
+    with contextlib.suppress(OSError, ValueError, NotImplementedError):
+        os.unlink(importlib.util.cache_from_source(path))
 
 
 def _describe(code: int) -> str:
