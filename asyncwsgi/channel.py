@@ -107,6 +107,9 @@ class ServerState:
         self.overload_log = LogThrottle()
         #: Responses completed, for ``--max-requests``.
         self.requests_done = 0
+        #: ``--max-requests`` for this process (0: none), and what to call when it is reached.
+        self.max_requests = 0
+        self.on_max_requests: Callable[[], None] | None = None
         self.idle_changed: asyncio.Event | None = None
         #: Forwarded headers and the PROXY protocol (asyncwsgi.proxy).
         self.proxy = ProxySupport(config)
@@ -117,6 +120,16 @@ class ServerState:
             else None
         )
         self.refresh_date()
+
+    def count_request(self) -> None:
+        """A request was accepted; the one that reaches ``max_requests`` (counting those done
+        and those in flight) is the last: every response from now on carries
+        ``Connection: close``, and ``on_max_requests`` stops the server from accepting."""
+        limit = self.max_requests
+        if limit and not self.shutting_down and self.requests_done + self.requests_active >= limit:
+            self.shutting_down = True
+            if self.on_max_requests is not None:
+                self.on_max_requests()
 
     def refresh_date(self) -> None:
         """Recompute the Date header (RFC 9110 section 5.6.7 IMF-fixdate), at most once a second."""
@@ -441,6 +454,7 @@ class HTTPChannel(asyncio.Protocol):
             self._overloaded(cycle)
             return
         state.requests_active += 1
+        state.count_request()
         call = self.loop.call_soon_threadsafe
         if cycle.body_complete:
             chunks = cycle.chunks

@@ -86,10 +86,12 @@ class Server:
         self._accept_paused = False
         self._resuming: asyncio.Task[None] | None = None
         self._overload_log = LogThrottle()
-        self._max_requests = 0
         #: Set when the server wants to stop on its own (``--max-requests``); ``serve()`` and
         #: ``run()`` then shut down gracefully.
         self.should_exit = asyncio.Event()
+        #: Called on the loop when ``--max-requests`` is reached, as the server stops accepting
+        #: (a supervisor's worker uses it to have its replacement started at once).
+        self.on_max_requests: Callable[[], object] | None = None
 
     @property
     def state(self) -> ServerState:
@@ -113,7 +115,9 @@ class Server:
             config, self.app, self._pool, multiprocess=config.workers > 1
         )
         if config.max_requests:
-            self._max_requests = config.max_requests + random.randint(0, config.max_requests_jitter)
+            # Drawn once per process, so that workers started together restart apart.
+            state.max_requests = config.max_requests + random.randint(0, config.max_requests_jitter)
+            state.on_max_requests = self._max_requests_reached
         state.idle_changed = asyncio.Event()
         sockets = self._sockets
         if sockets is None:
@@ -198,12 +202,15 @@ class Server:
                 error_logger.warning(
                     "All %d threads busy; task queue depth is %d", pool.max_threads, queued
                 )
-            limit = self._max_requests
-            if limit and state.requests_done >= limit and not self.should_exit.is_set():
-                error_logger.info(
-                    "Maximum request limit of %d exceeded. Terminating process.", limit
-                )
-                self.should_exit.set()
+
+    def _max_requests_reached(self) -> None:
+        """The request that reaches ``--max-requests`` was accepted: stop. Loop thread."""
+        error_logger.info(
+            "Maximum request limit of %d exceeded. Terminating process.", self.state.max_requests
+        )
+        self.should_exit.set()
+        if self.on_max_requests is not None:
+            self.on_max_requests()
 
     def _pause_accepting(self) -> None:
         """Stop accepting: ``limit_max_connections`` connections are open. Loop thread.
@@ -479,13 +486,13 @@ def run(
     config: Config | None = None,
     sockets: list[socket.socket] | None = None,
     configure_logs: bool = True,
-    on_started: Callable[[], object] | None = None,
+    on_started: Callable[[Server], object] | None = None,
     **options: Any,
 ) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then shut down gracefully. Blocks; main thread.
 
-    ``on_started`` is called on the loop once every socket accepts (a supervisor uses it to
-    learn that a new worker is ready).
+    ``on_started`` is called on the loop with the :class:`Server` once every socket accepts (a
+    supervisor uses it to learn that a new worker is ready).
 
     Creates the event loop named by ``config.loop`` (uvloop by default when installed), sets up
     logging to stderr unless ``configure_logs`` is False, and returns once every connection is
@@ -527,7 +534,7 @@ async def _main(
     app: WSGIApplication,
     config: Config,
     sockets: list[socket.socket] | None,
-    on_started: Callable[[], object] | None,
+    on_started: Callable[[Server], object] | None,
 ) -> None:
     loop = asyncio.get_running_loop()
     server = Server(app, config, sockets=sockets)
@@ -575,7 +582,7 @@ async def _main(
     error_logger.info("Starting asyncwsgi (pid: %d, loop: %s)", os.getpid(), _loop_name(loop))
     await server.start()
     if on_started is not None:
-        on_started()
+        on_started(server)
     try:
         await server.should_exit.wait()
     finally:

@@ -5,25 +5,43 @@ with ``SO_REUSEPORT``), then forks N workers. Each worker imports the applicatio
 runs its own event loop and thread pool (:func:`asyncwsgi.server.run`); the kernel spreads new
 connections over them. The supervisor never imports the application and never serves a request.
 
+Each worker belongs to a generation. The supervisor keeps ``--workers`` workers of the newest
+generation (gunicorn's arbiter does the same with its worker age): a reload request (SIGHUP, or
+a file change with ``--reload``) starts a new generation, and the older workers are replaced one
+at a time, each old worker getting SIGTERM only once a new one accepts. A worker told to stop is
+*retiring*: it finishes its requests and exits, and is never counted, replaced nor signalled
+again. Whatever happens during a reload (another SIGHUP, a crash, an old worker that exits on
+its own), the number of serving workers converges to ``--workers``.
+
+Each worker keeps a pipe to the supervisor: it writes ``R`` once it accepts connections, ``M``
+when ``--max-requests`` is reached and it stops accepting (its replacement starts at once), and
+the error that stopped it from booting.
+
 Signals, as gunicorn's arbiter, except that SIGINT is graceful the first time:
 
-- SIGTERM, SIGINT: graceful shutdown. Each worker gets SIGTERM (a worker that a reload has
-  already told to stop is not told again) and ``--timeout-graceful-shutdown`` seconds to finish
-  its requests, then SIGKILL. A repeated SIGTERM changes nothing; a second SIGINT (Ctrl-C
-  pressed again) is SIGQUIT.
+- SIGTERM, SIGINT: graceful shutdown. Each worker gets SIGTERM (a retiring worker is not told
+  again) and ``--timeout-graceful-shutdown`` seconds to finish its requests, then SIGKILL. A
+  repeated SIGTERM changes nothing; a second SIGINT (Ctrl-C pressed again) is SIGQUIT.
 - SIGQUIT: stop now. Each worker gets SIGQUIT and closes its connections at once.
-- SIGHUP: rolling restart. For each old worker a new one is started, and the old one gets SIGTERM
-  only once the new one is accepting: no request is refused during the reload.
+- SIGHUP: rolling restart: a new generation of workers, as above; no request is refused.
 - SIGUSR1: reopen the log files (after logrotate moved them), in the supervisor and every worker.
-- A worker that dies is replaced ("Worker (pid: N) died"); one that exits after
-  ``--max-requests`` (plus up to ``--max-requests-jitter``) requests is replaced too. A worker
-  that cannot import the application stops the supervisor with exit status 3, as gunicorn's
-  "Worker failed to boot".
+- A worker that dies is replaced ("Worker (pid: N) died"); one that reaches ``--max-requests``
+  (plus up to ``--max-requests-jitter``) requests is replaced as it stops accepting.
 
-``--reload`` is the same machinery with one worker and a file watcher (watchfiles): a change to a
-watched file restarts the worker the way SIGHUP does, while the supervisor keeps the listening
-socket, so a browser never sees a refused connection. A worker that cannot import the changed
-application prints the error, and the supervisor waits for the next change.
+A worker that exits before it accepts connections failed to boot, whatever its exit status
+(an import error, ``sys.exit()`` at import, a bind or TLS error). The error is shown once, and
+the boot is retried after 0.25 s, 0.5 s, 1 s... (at most 4 s between tries). After
+:data:`BOOT_TRIES` failed tries the supervisor stops with exit status 3, as gunicorn's "Worker
+failed to boot", unless workers of an older generation still serve: then the reload is
+abandoned, they keep serving, and the next SIGHUP tries again.
+
+``--reload`` is the same machinery with one worker and a file watcher (watchfiles, in a process
+of its own):
+every change starts a new generation, so a change during a reload is never lost, and a worker
+still booting an outdated version is stopped before it can serve it. The supervisor keeps the
+listening socket, so a browser never sees a refused connection. A worker that cannot boot the
+changed application shows the error once, is retried once after 0.25 s (a file still being
+written), and the old worker keeps serving until the next change.
 
 A signal sent to the whole process group (systemd's ``KillMode=control-group``, Ctrl-C in a
 terminal) reaches each worker directly as well as forwarded, which is why a worker takes a
@@ -47,7 +65,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .config import Config
@@ -55,11 +73,28 @@ from .logs import error_logger, reopen_log_files
 
 if TYPE_CHECKING:
     from ._types import WSGIApplication
+    from .server import Server
 
-__all__ = ["Supervisor", "APP_LOAD_ERROR"]
+__all__ = ["Supervisor", "APP_LOAD_ERROR", "BOOT_TRIES"]
 
 #: Exit status of a worker (and of the supervisor) when the application cannot be imported.
 APP_LOAD_ERROR = 3
+
+#: Failed boots in a row after which the supervisor gives up (2 with ``--reload``: one retry).
+BOOT_TRIES = 5
+_RELOAD_BOOT_TRIES = 2
+#: Seconds before the first retry of a failed boot; doubled on each further failure, up to
+#: ``_BOOT_BACKOFF_MAX``.
+_BOOT_BACKOFF = 0.25
+_BOOT_BACKOFF_MAX = 4.0
+#: ``--reload``: milliseconds without a further change after which a burst of changes is one
+#: reload (watchfiles' ``step``).
+_RELOAD_SETTLE_MS = 100
+
+# Messages on a worker's pipe to the supervisor.
+_READY = b"R"  # accepting connections
+_MAX_REQUESTS = b"M"  # --max-requests reached: no longer accepting, draining
+_BOOT_ERROR = b"E"  # followed by the error text, up to EOF
 
 # The signals the supervisor handles (see the module docstring).
 _SIGNALS = (
@@ -71,15 +106,21 @@ _SIGNALS = (
     signal.SIGCHLD,
 )
 
+_WATCHER = -1  # the selector key data of the watcher's pipe (a worker's is its pid)
+
 AppLoader = Callable[[], "WSGIApplication"]
 
 
 @dataclass
 class _Worker:
     pid: int
+    generation: int
+    #: Read end of the worker's pipe (non-blocking); -1 once the worker closed it.
     ready_fd: int
     started: float
     ready: bool = False
+    #: What the worker wrote after ``E``: why it could not boot.
+    boot_error: bytearray = field(default_factory=bytearray)
 
 
 class Supervisor:
@@ -87,7 +128,8 @@ class Supervisor:
 
     Args:
         load_app: imports and returns the WSGI application; called in each worker after fork.
-        config: the server settings; ``workers``, ``reuse_port`` and the timeouts are used here.
+        config: the server settings; ``workers``, ``reuse_port``, ``reload*`` and the timeouts
+            are used here.
     """
 
     def __init__(self, load_app: AppLoader, config: Config) -> None:
@@ -98,18 +140,28 @@ class Supervisor:
         self._stopping = False
         self._interrupted = False  # a SIGINT came: a second one means "now"
         self._quick = ""  # the signal that asked to stop now (SIGQUIT, a second SIGINT)
-        self._reload_queue: list[int] = []
         self._reopen_logs = False
-        self._retiring: set[int] = set()  # told to stop by a reload: not replaced when they exit
-        self._replacing: int | None = None
+        # Told to stop (a reload, or --max-requests): not counted, replaced nor signalled again.
+        self._retiring: set[int] = set()
+        self._generation = 0
+        self._reload_requested = False
+        self._boot_failures = 0  # failed boots in a row
+        self._last_failure = 0.0  # time.monotonic() of the last one counted
+        self._last_boot_error = b""  # shown once, not again for each retry
+        self._spawn_after = 0.0  # no new worker before this time.monotonic() (backoff)
+        self._halted = False  # gave up booting: no new worker until the next reload request
+        self._watcher: tuple[int, int] | None = None  # --reload: the watcher's pid, its pipe
+        self._watch_buffer = b""
+        self._changes: list[str] = []  # --reload: changed paths not yet acted on
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         self._exit_status = 0
+        self._booted = False  # in a worker process: whether it reported ready
 
     # -- supervisor process ---------------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; return the exit status (0, or 3 if a worker cannot boot).
+        """Serve until SIGTERM/SIGINT; return the exit status (0, or 3 if no worker can boot).
 
         Raises:
             OSError: a listening socket could not be bound.
@@ -135,14 +187,12 @@ class Supervisor:
             )
         try:
             if config.reload:
-                self._watch()
-            else:
-                for _ in range(config.workers):
-                    self._spawn()
-                while not self._stopping:
-                    self._tick(1.0)
+                self._start_watcher()
+            while not self._stopping:
+                self._tick(self._next_timeout())
             self._stop_workers()
         finally:
+            self._stop_watcher()
             signal.set_wakeup_fd(-1)
             for signum in _SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
@@ -154,15 +204,41 @@ class Supervisor:
         error_logger.info("Supervisor shutdown complete")
         return self._exit_status
 
+    @property
+    def _target(self) -> int:
+        """How many workers of the newest generation to keep."""
+        return 1 if self.config.reload else self.config.workers
+
+    def _next_timeout(self) -> float:
+        wait = self._spawn_after - time.monotonic()
+        return min(1.0, wait) if wait > 0 else 1.0
+
     def _tick(self, timeout: float) -> None:
-        """Handle wake-ups and ready reports for up to ``timeout`` s, reap, advance a reload."""
+        """Handle wake-ups and worker messages for up to ``timeout`` s, reap, manage workers."""
         for key, _ in self._selector.select(timeout=timeout):
             if key.fd == self._wake_r:
                 self._drain_wakeups()
+            elif key.data == _WATCHER:
+                self._read_changes()
             else:
-                self._on_ready(key.fd)
+                worker = self.workers.get(key.data)
+                if worker is not None:
+                    self._read_messages(worker)
         self._reap()
-        self._step_reload()
+        changed, self._changes = self._changes, []
+        if changed:
+            names = sorted({os.path.relpath(path) for path in changed})
+            error_logger.warning(
+                "WatchFiles detected changes in %s. Reloading...",
+                ", ".join(repr(n) for n in names),
+            )
+            self._reload_requested = True
+        if self._reload_requested:
+            self._reload_requested = False
+            self._new_generation()
+            for path in changed:
+                _forget_bytecode(path)
+        self._manage()
         if self._reopen_logs:
             self._reopen_logs = False
             error_logger.info("Received SIGUSR1, reopening %d log file(s)", reopen_log_files())
@@ -173,35 +249,64 @@ class Supervisor:
     def _watch_dirs(self) -> list[str]:
         return [os.path.abspath(d) for d in (self.config.reload_dir or (".",))]
 
-    def _watch(self) -> None:
-        """``--reload``: restart the worker when a watched file changes (watchfiles)."""
-        import watchfiles
+    def _start_watcher(self) -> None:
+        """``--reload``: fork the file watcher (watchfiles); return once it watches, so that no
+        change made after this is missed. Its changes arrive on a pipe (see :meth:`_tick`)."""
+        changes_r, changes_w = os.pipe()
+        pid = _fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.close(changes_r)
+                self._close_inherited()
+                for sock in self._sockets:
+                    sock.close()
+                signal.set_wakeup_fd(-1)
+                for signum in _SIGNALS:  # SIGTERM from the supervisor stops it
+                    signal.signal(signum, signal.SIG_DFL)
+                for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1):
+                    signal.signal(signum, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+                status = _watch_files(self._watch_dirs(), _ReloadFilter(self.config), changes_w)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        os.close(changes_w)
+        self._watcher = (pid, changes_r)
+        if os.read(changes_r, 1) != b"\0":  # blocks until it watches
+            raise RuntimeError("the file watcher could not start")
+        os.set_blocking(changes_r, False)
+        self._selector.register(changes_r, selectors.EVENT_READ, _WATCHER)
 
-        watcher = watchfiles.watch(
-            *self._watch_dirs(),
-            watch_filter=_ReloadFilter(self.config),
-            yield_on_timeout=True,
-            rust_timeout=200,
-            raise_interrupt=False,
-        )
-        next(watcher)  # watching starts here: before the worker boots, so no change is missed
-        self._spawn()
-        for changes in watcher:
-            if self._stopping:
-                return
-            if changes:
-                names = sorted({os.path.relpath(path) for _, path in changes})
-                error_logger.warning(
-                    "WatchFiles detected changes in %s. Reloading...",
-                    ", ".join(repr(n) for n in names),
-                )
-                if self.workers:
-                    self._reload_queue = list(self.workers)
-                else:
-                    self._spawn()  # the last one could not start; try the new code
-            self._tick(0)
-            if self._stopping:
-                return
+    def _read_changes(self) -> None:
+        """Collect the changed paths the watcher wrote (each followed by a NUL byte)."""
+        assert self._watcher is not None
+        fd = self._watcher[1]
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                error_logger.error("The file watcher stopped; changes are no longer detected")
+                self._selector.unregister(fd)
+                break
+            self._watch_buffer += data
+        *paths, rest = self._watch_buffer.split(b"\0")
+        self._watch_buffer = rest
+        self._changes.extend(os.fsdecode(path) for path in paths if path)
+
+    def _stop_watcher(self) -> None:
+        if self._watcher is None:
+            return
+        pid, fd = self._watcher
+        self._watcher = None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        os.close(fd)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         # Runs between bytecodes of the main thread; keep it to flag setting.
@@ -214,7 +319,7 @@ class Supervisor:
                 self._stopping = True
                 self._signal_name = name
         elif signum == signal.SIGHUP:
-            self._reload_queue = [pid for pid in self.workers if pid not in self._reload_queue]
+            self._reload_requested = True
         elif signum == signal.SIGUSR1:
             self._reopen_logs = True
 
@@ -222,6 +327,66 @@ class Supervisor:
         with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_r, 512):
                 pass
+
+    # -- generations ----------------------------------------------------------------------------
+
+    def _new_generation(self) -> None:
+        """A reload request: the workers of every older generation are to be replaced.
+
+        A worker still booting an older generation is stopped at once (SIGKILL: it has served
+        nothing yet), so that it never serves outdated code.
+        """
+        self._generation += 1
+        self._boot_failures = 0
+        self._spawn_after = 0.0
+        self._halted = False
+        self._last_failure = time.monotonic()
+        if not self.config.reload:
+            error_logger.info("Handling signal: hup; starting generation %d", self._generation)
+        for worker in self._active():
+            self._read_messages(worker)
+            if not worker.ready:
+                self._retire(worker, signal.SIGKILL)
+
+    def _active(self) -> list[_Worker]:
+        """The workers not told to stop, oldest first."""
+        return [w for pid, w in self.workers.items() if pid not in self._retiring]
+
+    def _manage(self) -> None:
+        """Keep ``_target`` workers of the newest generation: start the missing ones, and retire
+        an older worker for each new one that accepts.
+
+        During a rolling restart one new worker boots at a time; so does a worker after a failed
+        boot. Otherwise (the first boot, or after a crash) all missing workers start at once.
+        """
+        if self._stopping:
+            return
+        target = self._target
+        active = self._active()
+        current = [w for w in active if w.generation == self._generation]
+        old = [w for w in active if w.generation != self._generation]
+        old.sort(key=lambda w: (w.ready, w.generation, w.started))  # booting, then oldest
+        ready = sum(w.ready for w in current)
+        while old and ready + len(old) > target:
+            self._retire(old.pop(0), signal.SIGTERM)
+        missing = target - len(current)
+        if missing <= 0 or self._halted or time.monotonic() < self._spawn_after:
+            return
+        if old or self._boot_failures:
+            missing = 0 if any(not w.ready for w in current) else 1
+        for _ in range(missing):
+            self._spawn()
+
+    def _retire(self, worker: _Worker, signum: int) -> None:
+        """Tell ``worker`` to stop, once; it is no longer counted."""
+        self._retiring.add(worker.pid)
+        error_logger.info(
+            "Stopping worker (pid: %d) of generation %d", worker.pid, worker.generation
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signum)
+
+    # -- worker processes -----------------------------------------------------------------------
 
     def _spawn(self) -> _Worker:
         ready_r, ready_w = os.pipe()
@@ -232,30 +397,50 @@ class Supervisor:
             try:
                 status = self._worker_main(ready_w)
             except BaseException:
-                traceback.print_exc()
+                self._report_boot_error(ready_w, traceback.format_exc())
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(status)
         os.close(ready_w)
-        worker = _Worker(pid, ready_r, time.monotonic())
+        os.set_blocking(ready_r, False)
+        worker = _Worker(pid, self._generation, ready_r, time.monotonic())
         self.workers[pid] = worker
         self._selector.register(ready_r, selectors.EVENT_READ, pid)
         error_logger.info("Booting worker with pid: %d", pid)
         return worker
 
-    def _on_ready(self, fd: int) -> None:
-        worker = next((w for w in self.workers.values() if w.ready_fd == fd), None)
-        try:
-            data = os.read(fd, 1)
-        except OSError:
-            data = b""
-        self._selector.unregister(fd)
-        os.close(fd)
-        if worker is None:
-            return
-        worker.ready_fd = -1
-        worker.ready = bool(data)
+    def _read_messages(self, worker: _Worker) -> None:
+        """Read what ``worker`` wrote on its pipe so far; close the pipe at EOF."""
+        fd = worker.ready_fd
+        while fd >= 0:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._selector.unregister(fd)
+                os.close(fd)
+                worker.ready_fd = -1
+                return
+            if worker.boot_error:
+                worker.boot_error += data
+                continue
+            codes, error, text = data.partition(_BOOT_ERROR)
+            if error:
+                worker.boot_error += error + text
+            if _READY in codes and not worker.ready:
+                worker.ready = True
+                self._boot_failures = 0
+                self._last_boot_error = b""
+            if _MAX_REQUESTS in codes and worker.pid not in self._retiring:
+                # It stops accepting now and exits once its requests are done.
+                self._retiring.add(worker.pid)
+                error_logger.info(
+                    "Worker (pid: %d) reached --max-requests; starting a new one", worker.pid
+                )
 
     def _reap(self) -> None:
         while True:
@@ -265,58 +450,90 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            worker = self.workers.pop(pid, None)
+            worker = self.workers.get(pid)
             if worker is None:
                 continue
+            self._read_messages(worker)  # what it wrote before it exited
+            del self.workers[pid]
             if worker.ready_fd >= 0:
                 self._selector.unregister(worker.ready_fd)
                 os.close(worker.ready_fd)
             code = os.waitstatus_to_exitcode(status)
-            if pid in self._reload_queue:
-                self._reload_queue.remove(pid)
-            if self._stopping or pid in self._retiring:
+            if pid in self._retiring:
                 self._retiring.discard(pid)
                 continue
-            if code == APP_LOAD_ERROR and not worker.ready and pid == self._replacing:
-                # A reload with a broken application keeps the workers that still run.
-                error_logger.error("Worker (pid: %d) failed to boot; reload abandoned", pid)
-                self._replacing = None
-                self._reload_queue.clear()
+            if self._stopping:
                 continue
-            if code == APP_LOAD_ERROR and not worker.ready and self.config.reload:
-                error_logger.error("Application failed to start; waiting for file changes")
+            if not worker.ready:
+                self._boot_failed(worker, code)
                 continue
-            if code == APP_LOAD_ERROR and not worker.ready:
-                error_logger.error("Worker (pid: %d) failed to boot; stopping", pid)
-                self._exit_status = APP_LOAD_ERROR
-                self._stopping = True
-                self._signal_name = ""
-                continue
+            # An older generation's worker is not restarted: the reload replaces it.
+            then = (
+                "starting a new one"
+                if worker.generation == self._generation
+                else "the reload replaces it"
+            )
             if code == 0:
-                error_logger.info("Worker (pid: %d) exited; starting a new one", pid)
+                error_logger.info("Worker (pid: %d) exited; %s", pid, then)
             else:
                 error_logger.warning(
-                    "Worker (pid: %d) died with %s; starting a new one", pid, _describe(code)
+                    "Worker (pid: %d) died with %s; %s", pid, _describe(code), then
                 )
-            self._spawn()
 
-    def _step_reload(self) -> None:
-        """Advance a rolling restart: one new worker ready → one old worker told to stop."""
-        if self._stopping:
+    def _boot_failed(self, worker: _Worker, code: int) -> None:
+        """``worker`` exited before it accepted connections: retry later, or give up."""
+        text = bytes(worker.boot_error[len(_BOOT_ERROR) :])
+        if text and text != self._last_boot_error:
+            sys.stderr.write(text.decode("utf-8", "replace"))
+            sys.stderr.flush()
+            self._last_boot_error = text
+        if worker.started >= self._last_failure:  # not a sibling of the last counted failure
+            self._boot_failures += 1
+            self._last_failure = time.monotonic()
+        tries = _RELOAD_BOOT_TRIES if self.config.reload else BOOT_TRIES
+        if self._boot_failures < tries:
+            delay = min(_BOOT_BACKOFF * 2 ** (self._boot_failures - 1), _BOOT_BACKOFF_MAX)
+            self._spawn_after = time.monotonic() + delay
+            error_logger.error(
+                "Worker (pid: %d) failed to boot (%s); retrying in %.2f s (%d of %d tries)",
+                worker.pid,
+                _describe(code),
+                delay,
+                self._boot_failures,
+                tries,
+            )
             return
-        if self._replacing is not None:
-            new = self.workers.get(self._replacing)
-            if new is not None and not new.ready:
-                return
-            self._replacing = None
-            if self._reload_queue:
-                old = self._reload_queue.pop(0)
-                self._retiring.add(old)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(old, signal.SIGTERM)
-        if self._reload_queue and self._replacing is None:
-            error_logger.info("Reloading: replacing worker (pid: %d)", self._reload_queue[0])
-            self._replacing = self._spawn().pid
+        serving = [w for w in self._active() if w.ready]
+        self._boot_failures = 0
+        self._halted = True
+        if serving and (
+            self.config.reload or any(w.generation != self._generation for w in serving)
+        ):
+            error_logger.error(
+                "Worker (pid: %d) failed to boot (%s); reload abandoned, %d worker(s) of the "
+                "previous version keep serving",
+                worker.pid,
+                _describe(code),
+                len(serving),
+            )
+            for w in serving:
+                w.generation = self._generation
+        elif self.config.reload:
+            error_logger.error(
+                "Worker (pid: %d) failed to boot (%s); waiting for file changes",
+                worker.pid,
+                _describe(code),
+            )
+        else:
+            error_logger.error(
+                "Worker (pid: %d) failed to boot (%s) %d times in a row; stopping",
+                worker.pid,
+                _describe(code),
+                tries,
+            )
+            self._exit_status = APP_LOAD_ERROR
+            self._stopping = True
+            self._signal_name = ""
 
     def _stop_workers(self) -> None:
         """Stop every worker: SIGTERM, and SIGKILL after ``--timeout-graceful-shutdown`` + 5 s.
@@ -369,34 +586,57 @@ class Supervisor:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-        self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        for worker in self.workers.values():
-            if worker.ready_fd >= 0:
-                os.close(worker.ready_fd)
+        self._close_inherited()
         try:
             app = self.load_app()
         except Exception as exc:
             from .cli import AppLoadError
 
             if isinstance(exc, AppLoadError):
-                print(f"Error: {exc}", file=sys.stderr)
+                self._report_boot_error(ready_fd, f"Error: {exc}\n")
             else:
-                traceback.print_exc()
+                self._report_boot_error(ready_fd, traceback.format_exc())
             return APP_LOAD_ERROR
         from .server import run
 
         boot_signals.hand_over()
 
-        def started() -> None:
+        def report(message: bytes) -> None:
             with contextlib.suppress(OSError):
-                os.write(ready_fd, b"R")
-                os.close(ready_fd)
+                os.write(ready_fd, message)
+
+        def started(server: Server) -> None:
+            self._booted = True
+            server.on_max_requests = lambda: report(_MAX_REQUESTS)
+            report(_READY)
+            if server.should_exit.is_set():
+                report(_MAX_REQUESTS)
 
         sockets = self._sockets or None
         run(app, config=self.config, sockets=sockets, configure_logs=False, on_started=started)
         return 0
+
+    def _close_inherited(self) -> None:
+        """In a child process: close the supervisor's own descriptors."""
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self._watcher is not None:
+            os.close(self._watcher[1])
+        for worker in self.workers.values():
+            if worker.ready_fd >= 0:
+                os.close(worker.ready_fd)
+
+    def _report_boot_error(self, ready_fd: int, text: str) -> None:
+        """In a worker: hand why it could not boot to the supervisor, which shows it once per
+        failure streak; after the boot, print it."""
+        if self._booted:
+            sys.stderr.write(text)
+            return
+        data = _BOOT_ERROR + text.encode("utf-8", "replace")
+        with contextlib.suppress(OSError):
+            while data:
+                data = data[os.write(ready_fd, data) :]
 
 
 def _fork() -> int:
@@ -469,6 +709,47 @@ class _ReloadFilter:
         if any(fnmatch.fnmatch(part, pattern) for part in parts for pattern in self.exclude):
             return False
         return any(fnmatch.fnmatch(name, pattern) for pattern in self.include)
+
+
+def _watch_files(dirs: list[str], watch_filter: _ReloadFilter, out: int) -> int:
+    """The watcher process: write each changed path to ``out``, then a NUL byte (a first NUL
+    byte once watching has begun). Returns the exit status once the supervisor is gone."""
+    import watchfiles
+
+    parent = os.getppid()
+    watching = False
+    for changes in watchfiles.watch(
+        *dirs,
+        watch_filter=watch_filter,
+        step=_RELOAD_SETTLE_MS,
+        yield_on_timeout=True,
+        rust_timeout=200,
+        raise_interrupt=False,
+    ):
+        if os.getppid() != parent:
+            return 0
+        data = b"".join(os.fsencode(path) + b"\0" for _, path in changes)
+        if not watching:
+            watching = True
+            data = b"\0" + data
+        try:
+            while data:
+                data = data[os.write(out, data) :]
+        except BrokenPipeError:
+            return 0
+    return 0
+
+
+def _forget_bytecode(path: str) -> None:
+    """Remove the cached bytecode of a changed ``.py`` file. A timestamp-based ``.pyc`` records
+    the source's mtime in whole seconds and its size, so a same-size edit within a second of
+    the last import would otherwise load the old code."""
+    if not path.endswith(".py"):
+        return
+    import importlib.util
+
+    with contextlib.suppress(OSError, ValueError, NotImplementedError):
+        os.unlink(importlib.util.cache_from_source(path))
 
 
 def _describe(code: int) -> str:

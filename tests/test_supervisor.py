@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -207,7 +207,7 @@ def test_max_requests_recycles_workers(app_dir: Path) -> None:
         for _ in range(5):
             _get(port)
         proc.wait_for("Maximum request limit of 5 exceeded")
-        proc.wait_for("exited; starting a new one")
+        proc.wait_for("reached --max-requests; starting a new one")
         proc.wait_for("Listening at", count=2)
         assert int(_get(port).split()[0]) != first
     finally:
@@ -278,3 +278,340 @@ def test_reload_restarts_on_change_and_survives_syntax_error(app_dir: Path) -> N
         assert not [line for line in proc.lines if "notes.txt" in line]
     finally:
         assert proc.stop() == 0
+
+
+# -- generations: SIGHUP, crashes and boot failures during a reload --------------------------
+
+SLOW_APP = """
+import os
+import time
+
+time.sleep({boot_delay})  # a slow import: the window in which a replacement boots
+
+def app(environ, start_response):
+    seconds = float(environ.get("QUERY_STRING") or 0)
+    body = ("%d %s" % (os.getpid(), VERSION)).encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    time.sleep(seconds)
+    return [body]
+
+VERSION = "{version}"
+"""
+
+
+def _slow_app(app_dir: Path, version: str, boot_delay: float = 0.0) -> None:
+    _write(app_dir / "pidapp.py", SLOW_APP.format(version=version, boot_delay=boot_delay))
+
+
+def _children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (Linux)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    alive = set()
+    for child in map(int, text.split()):
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue
+        if state != "Z":
+            alive.add(child)
+    return alive
+
+
+def _converges(proc: Proc, port: int, count: int, version: str) -> None:
+    """Wait until the supervisor has exactly ``count`` workers, each serving ``version``
+    (bounded polling of process state: no event tells that a process has exited)."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        children = _children(proc.proc.pid)
+        if len(children) == count:
+            answers = {_get(port) for _ in range(8 * count)}
+            if all(a.split()[1] == version for a in answers):
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{len(children)} workers, expected {count} serving {version}:\n"
+                + "".join(proc.lines)
+            )
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.proc.wait(0.1)  # the supervisor must still run
+
+
+def test_second_sighup_during_reload_ends_with_newest_code(app_dir: Path) -> None:
+    """Each SIGHUP is a new generation: a second one while the first is under way is not lost,
+    and the count of workers comes back to --workers."""
+    port = _free_port()
+    _slow_app(app_dir, "v1", boot_delay=0.5)
+    proc = Proc(["pidapp:app", "--port", str(port), "-w", "2", "--no-access-log"], app_dir)
+    try:
+        proc.wait_for("Listening at", count=2)
+        _slow_app(app_dir, "v2", boot_delay=0.5)
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_for("Listening at", count=3)  # the first replacement is up
+        _slow_app(app_dir, "v3", boot_delay=0.5)
+        proc.proc.send_signal(signal.SIGHUP)
+        _converges(proc, port, 2, "v3")
+    finally:
+        assert proc.stop() == 0
+
+
+def test_sighup_while_a_retired_worker_drains_does_not_signal_it_again(app_dir: Path) -> None:
+    """A worker finishing its requests after a reload is neither replaced again nor sent a
+    second SIGTERM (which would cut its request)."""
+    port = _free_port()
+    _slow_app(app_dir, "v1")
+    proc = Proc(["pidapp:app", "--port", str(port), "-w", "2", "--no-access-log"], app_dir)
+    result: list[str] = []
+    try:
+        proc.wait_for("Listening at", count=2)
+
+        def slow_request() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            try:
+                conn.request("GET", "/?6")
+                response = conn.getresponse()
+                result.append(f"{response.status} {response.read().decode()}")
+            except Exception as exc:
+                result.append(repr(exc))
+            finally:
+                conn.close()
+
+        client = threading.Thread(target=slow_request)
+        client.start()
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_for("Received SIGTERM, shutting down", count=2)  # both old workers retired
+        proc.proc.send_signal(signal.SIGHUP)
+        client.join(DEADLINE)
+        assert result == [result[0]]
+        assert result[0].startswith("200 "), result
+        _converges(proc, port, 2, "v1")
+        assert not [line for line in proc.lines if "Received SIGTERM again" in line]
+    finally:
+        assert proc.stop() == 0
+
+
+def test_worker_killed_while_its_replacement_boots_is_not_respawned(app_dir: Path) -> None:
+    """--workers 2, a 1.5 s import, SIGHUP; the last old worker dies while its replacement
+    boots. The replacement stands in for it: two workers remain, not three."""
+    port = _free_port()
+    _slow_app(app_dir, "v1", boot_delay=1.5)
+    proc = Proc(["pidapp:app", "--port", str(port), "-w", "2", "--no-access-log"], app_dir)
+    try:
+        proc.wait_for("Listening at", count=2)
+        _, last = sorted(_worker_pids(proc))
+        _slow_app(app_dir, "v2", boot_delay=1.5)
+        proc.proc.send_signal(signal.SIGHUP)
+        proc.wait_for("Listening at", count=3)  # the first replacement accepts...
+        proc.wait_for("Booting worker", count=4)  # ...and the second one boots
+        os.kill(last, signal.SIGKILL)
+        proc.wait_for(rf"Worker \(pid: {last}\) died with SIGKILL")
+        proc.wait_for("Listening at", count=4)
+        _converges(proc, port, 2, "v2")
+    finally:
+        assert proc.stop() == 0
+
+
+def test_worker_that_exits_at_import_is_retried_with_backoff_then_stops(tmp_path: Path) -> None:
+    """Any exit before a worker accepts is a boot failure (here sys.exit at import, exit
+    status 1): a bounded number of tries, the reason shown once, then exit status 3."""
+    (tmp_path / "needsdb.py").write_text(
+        'import sys\nsys.exit("DATABASE_URL is not set")\napp = None\n'
+    )
+    proc = Proc(["needsdb:app", "--port", str(_free_port()), "-w", "2"], tmp_path)
+    try:
+        assert proc.proc.wait(DEADLINE) == 3
+        proc.stop()
+        boots = proc.wait_for("Booting worker")
+        failures = proc.wait_for(r"failed to boot \(exit status 1\)")
+        assert len(boots) <= 2 * 5, len(boots)  # --workers x BOOT_TRIES at most
+        assert len(failures) == len(boots)  # each failure logged once, with its reason
+        assert sum("SystemExit: DATABASE_URL is not set" in line for line in proc.lines) == 1
+        proc.wait_for("5 times in a row; stopping")
+    finally:
+        proc.stop()
+
+
+def test_max_requests_is_a_limit_on_each_worker(app_dir: Path) -> None:
+    """Each worker serves between --max-requests and --max-requests + jitter (+1) requests; the
+    last one it serves carries Connection: close, and no request fails during the hand-over."""
+    port = _free_port()
+    args = ["pidapp:app", "--port", str(port), "-w", "1", "--no-access-log"]
+    proc = Proc([*args, "--max-requests", "2", "--max-requests-jitter", "6"], app_dir)
+    served: list[tuple[int, str | None]] = []
+    try:
+        proc.wait_for("Listening at")
+        for _ in range(60):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("GET", "/")
+                response = conn.getresponse()
+                assert response.status == 200
+                pid = int(response.read().split()[0])
+                served.append((pid, response.getheader("Connection")))
+            finally:
+                conn.close()
+    finally:
+        assert proc.stop() == 0
+    order = list(dict.fromkeys(pid for pid, _ in served))
+    assert len(order) >= 60 // 9
+    for pid in order[:-1]:  # the last worker was stopped before its limit
+        mine = [header for p, header in served if p == pid]
+        assert 2 <= len(mine) <= 2 + 6 + 1, (pid, len(mine))
+        assert mine[-1] == "close"
+
+
+# -- --reload: every way of saving a file ends with that file's code served ------------------
+
+MOD_APP = """
+import os
+
+try:
+    from pidextra import VERSION
+except ImportError:
+    VERSION = "{fallback}"
+
+def app(environ, start_response):
+    body = ("%d %s" % (os.getpid(), VERSION)).encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+def _in_place(path: Path, version: str) -> None:
+    path.write_text(PID_APP.format(version=version))  # truncate, then write
+
+
+def _delete_create(path: Path, version: str) -> None:
+    path.unlink()
+    path.write_text(PID_APP.format(version=version))
+
+
+def _burst(path: Path, version: str) -> None:
+    for step in ("x2", "x3", "x4"):  # never to be served
+        path.write_text(PID_APP.format(version=step))
+    path.write_text(PID_APP.format(version=version))
+
+
+def _rename(path: Path, version: str) -> None:
+    _write(path, PID_APP.format(version=version))
+
+
+def _add_module(path: Path, version: str) -> None:
+    (path.parent / "pidextra.py").write_text(f"VERSION = {version!r}\n")
+
+
+def _delete_module(path: Path, version: str) -> None:
+    (path.parent / "pidextra.py").unlink()
+
+
+def _serve_reload(app_dir: Path, save: Callable[[Path, str], None]) -> tuple[Proc, int]:
+    """Start ``--reload`` on the app that ``save`` will change."""
+    port = _free_port()
+    module_app = save in (_add_module, _delete_module)
+    app = app_dir / "pidapp.py"
+    if module_app and save is _delete_module:
+        app.write_text(MOD_APP.format(fallback="v2"))
+        (app_dir / "pidextra.py").write_text('VERSION = "v1"\n')
+    elif module_app:
+        app.write_text(MOD_APP.format(fallback="v1"))
+    args = ["pidapp:app", "--port", str(port), "--reload", "--reload-dir", str(app_dir)]
+    return Proc([*args, "--no-access-log"], app_dir), port
+
+
+class _Client:
+    """Opens a new connection for each request, back to back, and records every answer's
+    version (or the failure) until stopped; ``seen_final`` is set once ``final`` has answered
+    20 times."""
+
+    def __init__(self, port: int, final: str) -> None:
+        self.port = port
+        self.final = final
+        self.answers: list[str] = []
+        self.failures: list[BaseException] = []
+        self.seen_final = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.answers.append(_get(self.port).split()[1])
+            except Exception as exc:
+                self.failures.append(exc)
+            if self.answers.count(self.final) >= 20:
+                self.seen_final.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(DEADLINE)
+
+
+@pytest.mark.parametrize(
+    "save",
+    [_in_place, _rename, _delete_create, _burst, _add_module, _delete_module],
+    ids=["in-place", "rename", "delete-create", "burst", "add-module", "delete-module"],
+)
+def test_reload_serves_the_saved_code_whatever_the_save_pattern(
+    app_dir: Path, save: Callable[[Path, str], None]
+) -> None:
+    """Under a client opening a new connection for each request: no request fails, and once the
+    new code answers, the old code never answers again (nor does an intermediate save)."""
+    proc, port = _serve_reload(app_dir, save)
+    client = None
+    try:
+        proc.wait_for("Listening at")
+        assert _get(port).split()[1] == "v1"
+        client = _Client(port, "v2")
+        save(app_dir / "pidapp.py", "v2")
+        assert client.seen_final.wait(DEADLINE), (client.answers[-5:], "".join(proc.lines))
+    finally:
+        if client is not None:
+            client.stop()
+        assert proc.stop() == 0
+    assert not client.failures, client.failures[:3]
+    first = client.answers.index("v2")
+    assert set(client.answers[:first]) <= {"v1"}, client.answers
+    assert set(client.answers[first:]) == {"v2"}, client.answers
+    assert len(proc.wait_for(r"Booting worker")) <= 3  # no reload per intermediate save
+
+
+def test_reload_broken_save_then_fixed_save_serves_the_fix(app_dir: Path) -> None:
+    """A save with a syntax error shows the traceback once and keeps the old worker serving;
+    the fixed save is then served. No request fails meanwhile."""
+    port = _free_port()
+    args = ["pidapp:app", "--port", str(port), "--reload", "--reload-dir", str(app_dir)]
+    proc = Proc([*args, "--no-access-log"], app_dir)
+    client = None
+    try:
+        proc.wait_for("Listening at")
+        client = _Client(port, "v3")
+        _write(app_dir / "pidapp.py", "def app(:\n")
+        proc.wait_for("reload abandoned")  # tried twice, the old worker still serves
+        assert _get(port).split()[1] == "v1"
+        _write(app_dir / "pidapp.py", PID_APP.format(version="v3"))
+        assert client.seen_final.wait(DEADLINE), "".join(proc.lines)
+    finally:
+        if client is not None:
+            client.stop()
+        assert proc.stop() == 0
+    assert not client.failures, client.failures[:3]
+    assert set(client.answers) == {"v1", "v3"}
+    assert sum(line.startswith("SyntaxError") for line in proc.lines) == 1
+    assert len(proc.wait_for(r"failed to boot \(exit status 3\)")) == 2
+
+
+def test_a_changed_file_loses_its_cached_bytecode(tmp_path: Path) -> None:
+    """A same-size edit within the same second keeps a timestamp-based .pyc valid; the
+    supervisor removes it so that the next worker compiles the saved source."""
+    import importlib.util
+    import py_compile
+
+    from asyncwsgi.supervisor import _forget_bytecode
+
+    source = tmp_path / "mod.py"
+    source.write_text('VERSION = "v1"\n')
+    cached = Path(py_compile.compile(str(source)))
+    assert cached == Path(importlib.util.cache_from_source(str(source)))
+    _forget_bytecode(str(source))
+    assert not cached.exists()
+    _forget_bytecode(str(source))  # already gone: nothing to do
