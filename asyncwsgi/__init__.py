@@ -18,8 +18,7 @@ Public API:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .config import Config
 from .errors import AsyncWSGIError, ClientDisconnected, ConfigError
 from .filewrapper import FileWrapper

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ClientDisconnected
-from .wsgi import LogThrottle
+from .logs import LogThrottle
 
 if TYPE_CHECKING:
     from .filewrapper import FileWrapper

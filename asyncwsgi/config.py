@@ -16,7 +16,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .accesslog import AccessFormat
 from .errors import ConfigError
+from .proxy import TrustedPeers, parse_trust_headers
 
 __all__ = ["KiB", "MiB", "GROUPS", "Config", "BindSpec", "parse_bind"]
 
@@ -513,9 +515,6 @@ def _check_operation(config: Config) -> None:
     Raises:
         ConfigError: a value is out of range, malformed, or needs a setting that is missing.
     """
-    from .accesslog import AccessFormat
-    from .proxy import TrustedPeers, parse_trust_headers
-
     if config.ssl_cert_reqs not in (0, 1, 2):
         raise ConfigError(f"ssl_cert_reqs must be 0, 1 or 2, got {config.ssl_cert_reqs}")
     if not config.ssl_certfile:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["connection_environ", "build_environ", "environ_key", "SERVER_SOFTWARE"]
 
-from . import __version__
+from ._version import __version__
 
 SERVER_SOFTWARE = f"asyncwsgi/{__version__}"
 

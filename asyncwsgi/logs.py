@@ -12,16 +12,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+import time
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .config import Config
+from .errors import ConfigError
 
 __all__ = [
     "error_logger",
     "access_logger",
     "escape",
     "configure_logging",
+    "LoggingSettings",
+    "LogThrottle",
     "setup_logging",
     "load_log_config",
     "TRACE",
@@ -74,7 +76,20 @@ def configure_logging(level: str, access_log: bool) -> None:
     access_logger.setLevel(_level(level) if access_log else logging.CRITICAL + 1)
 
 
-def setup_logging(config: Config) -> None:
+class LoggingSettings(Protocol):
+    """The settings :func:`setup_logging` reads, as :class:`asyncwsgi.config.Config` has them."""
+
+    @property
+    def log_level(self) -> str: ...
+    @property
+    def log_config(self) -> str | None: ...
+    @property
+    def access_log(self) -> bool: ...
+    @property
+    def access_logfile(self) -> str | None: ...
+
+
+def setup_logging(config: LoggingSettings) -> None:
     """Configure logging from ``config``. Main thread, before serving (and before forking
     ``--workers``, which inherit it).
 
@@ -107,8 +122,6 @@ def setup_logging(config: Config) -> None:
             try:
                 handler = logging.FileHandler(config.access_logfile, encoding="utf-8")
             except OSError as exc:
-                from .errors import ConfigError
-
                 raise ConfigError(
                     f"cannot open access_logfile {config.access_logfile!r}: {exc.strerror or exc}"
                 ) from None
@@ -119,6 +132,35 @@ def setup_logging(config: Config) -> None:
         load_log_config(config.log_config)
     if not config.access_log:
         access_logger.setLevel(logging.CRITICAL + 1)
+
+
+class LogThrottle:
+    """Let a repeated warning through at most once per ``interval`` seconds. Any thread.
+
+    Overload produces the same event many times a second; one line every few seconds, with the
+    number of events it stands for, says as much without flooding the log. Two threads racing
+    may let one extra line through, which is harmless.
+
+    Args:
+        interval: seconds between two lines.
+    """
+
+    __slots__ = ("_count", "_interval", "_next")
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._count = 0
+
+    def ready(self) -> int:
+        """Count one event; return how many events the line to log now stands for, else 0."""
+        self._count += 1
+        now = time.monotonic()
+        if now < self._next:
+            return 0
+        self._next = now + self._interval
+        count, self._count = self._count, 0
+        return count
 
 
 def reopen_log_files() -> int:
@@ -166,8 +208,6 @@ def load_log_config(path: str) -> None:
     import importlib
     import json
     import logging.config
-
-    from .errors import ConfigError
 
     try:
         if path.endswith((".json", ".yaml", ".yml")):

@@ -590,7 +590,7 @@ class Supervisor:
         try:
             app = self.load_app()
         except Exception as exc:
-            from .cli import AppLoadError
+            from .importer import AppLoadError
 
             if isinstance(exc, AppLoadError):
                 self._report_boot_error(ready_fd, f"Error: {exc}\n")

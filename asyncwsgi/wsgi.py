@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ClientDisconnected
 from .filewrapper import FileWrapper
+from .logs import LogThrottle, escape
 
 if TYPE_CHECKING:
     from ._types import OptExcInfo, WSGIApplication, WSGIEnvironment
@@ -56,35 +57,6 @@ _PAIR_CACHE: dict[tuple[str, str], tuple[bytes, bytes]] = {}
 _SERVER_ERROR_BODY = b"Internal Server Error\n"
 #: Seconds a client told 503 is asked to wait before it tries again (RFC 9110 section 10.2.3).
 RETRY_AFTER = b"1"
-
-
-class LogThrottle:
-    """Let a repeated warning through at most once per ``interval`` seconds. Any thread.
-
-    Overload produces the same event many times a second; one line every few seconds, with the
-    number of events it stands for, says as much without flooding the log. Two threads racing
-    may let one extra line through, which is harmless.
-
-    Args:
-        interval: seconds between two lines.
-    """
-
-    __slots__ = ("_count", "_interval", "_next")
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self._interval = interval
-        self._next = 0.0
-        self._count = 0
-
-    def ready(self) -> int:
-        """Count one event; return how many events the line to log now stands for, else 0."""
-        self._count += 1
-        now = time.monotonic()
-        if now < self._next:
-            return 0
-        self._next = now + self._interval
-        count, self._count = self._count, 0
-        return count
 
 
 _queue_throttle = LogThrottle()
@@ -398,8 +370,6 @@ def _send_error(
 
 def _path(environ: WSGIEnvironment) -> str:
     """Return ``METHOD /path`` with control characters escaped, for log lines."""
-    from .logs import escape
-
     method: Any = environ.get("REQUEST_METHOD", "-")
     path: Any = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
     return escape(f"{method} {path}")

@@ -16,16 +16,18 @@ import pytest
 from asyncwsgi import Config, ConfigError
 from asyncwsgi.proxy import (
     FORWARDING_HEADERS,
-    V2_SIGNATURE,
     ProxyHeaders,
-    ProxyInfo,
-    ProxyProtocolError,
-    ProxyProtocolReader,
     ProxySupport,
     TrustedPeers,
     parse_forwarded,
-    parse_proxy_header,
     parse_trust_headers,
+)
+from asyncwsgi.proxy_protocol import (
+    V2_SIGNATURE,
+    ProxyInfo,
+    ProxyProtocolError,
+    ProxyProtocolReader,
+    parse_proxy_header,
 )
 
 from . import apps
