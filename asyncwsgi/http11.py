@@ -175,7 +175,7 @@ class ServerConnection:
         return self.next_events()
 
     def _new_h11(self) -> h11.Connection:
-        return h11.Connection(h11.SERVER, max_incomplete_event_size=self._config.limit_request_head)
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self._config.max_request_head)
 
     def release_if_idle(self) -> bool:
         """Drop the h11 state of a keep-alive connection waiting for its next request.

@@ -153,7 +153,7 @@ def check_partial_head(head: bytes | bytearray, config: Config) -> None:
         return
     if line_end > config.max_request_line:
         raise RequestRejected(414, "request line too long")
-    if len(head) > config.limit_request_head:
+    if len(head) > config.max_request_head:
         raise RequestRejected(431, "request head too large")
     if size - (head.rfind(b"\r\n") + 2) + 2 > config.max_field_size:
         raise RequestRejected(431, "request header field too large")
@@ -204,9 +204,9 @@ def check_head(head: bytes | bytearray, config: Config) -> tuple[int | None, byt
     lines.pop()  # the empty string after the final CRLF
     if len(lines[0]) > config.max_request_line:
         raise RequestRejected(414, "request line too long")
-    if len(lines) - 1 > config.limit_request_fields:
+    if len(lines) - 1 > config.max_request_fields:
         raise RequestRejected(431, "too many header fields")
-    if len(head) > config.limit_request_head:
+    if len(head) > config.max_request_head:
         raise RequestRejected(431, "request head too large")
     max_field = config.max_field_size - 2  # the CRLF counts
     content_length: bytes | bytearray | None = None
@@ -430,7 +430,7 @@ def check_trailer_section(section: bytes | bytearray, config: Config) -> None:
             limits.
     """
     crlf = _check_controls(section, "trailer section")
-    if crlf > config.limit_request_fields:
+    if crlf > config.max_request_fields:
         raise RequestRejected(431, "too many trailer fields")
     max_field = config.max_field_size - 2
     for line in section.split(b"\r\n"):

@@ -606,6 +606,29 @@ def test_gunicorn_spelling_of_limit_request_field_size_applies() -> None:
         assert server.stop() == 0
 
 
+def test_limit_request_line_0_is_no_limit() -> None:
+    """``--limit-request-line 0`` means no limit, as in gunicorn: a 100 KiB request line is
+    served (with the head limit lifted too, as the line is part of the head). No access log:
+    a 100 KiB line in it would fill the pipe the test reads the server's stderr from."""
+    with CLIServer(
+        "tests.apps:hello",
+        "--port",
+        "0",
+        "--no-access-log",
+        "--limit-request-line",
+        "0",
+        "--limit-request-head",
+        "0",
+    ) as server:
+        port = port_of(server.url())
+        target = b"/" + b"a" * (100 * 1024)
+        reply = raw_request(
+            port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert reply.startswith(b"HTTP/1.1 200 "), reply[:100]
+        assert server.stop() == 0
+
+
 def test_timeout_keep_alive_closes_idle_connections() -> None:
     with CLIServer("tests.apps:hello", "--port", "0", "--timeout-keep-alive", "0.2") as server:
         port = port_of(server.url())

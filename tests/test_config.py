@@ -1,4 +1,5 @@
-"""Unit tests of :mod:`asyncwsgi.config`: defaults, validation, bind addresses, immutability."""
+"""Tests of :mod:`asyncwsgi.config`: defaults, validation, bind addresses, immutability, and
+what a limit of 0 means to a server over real sockets."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from typing import Any
 
 import pytest
 
-from asyncwsgi.config import BindSpec, Config, KiB, MiB, parse_bind
+from asyncwsgi.config import UNLIMITED, BindSpec, Config, KiB, MiB, parse_bind
 from asyncwsgi.errors import AsyncWSGIError, ConfigError
+
+from . import apps
+from .helpers import decode_replies, exchange, running
 
 DEFAULTS: dict[str, Any] = {
     "host": "127.0.0.1",
@@ -186,13 +190,70 @@ def test_edge_values_are_accepted(options: dict[str, Any]) -> None:
         assert getattr(config, name) == value
 
 
-def test_zero_limits_mean_64_kib() -> None:
-    config = Config(limit_request_line=0, limit_request_field_size=0)
-    assert config.max_request_line == 64 * KiB
-    assert config.max_field_size == 64 * KiB
-    config = Config(limit_request_line=100, limit_request_field_size=200)
+def test_zero_limits_mean_no_limit() -> None:
+    """``limit_request_*=0`` is no limit, as in gunicorn; the fields keep the value given."""
+    config = Config(
+        limit_request_line=0,
+        limit_request_fields=0,
+        limit_request_field_size=0,
+        limit_request_head=0,
+    )
+    assert config.max_request_line == UNLIMITED
+    assert config.max_request_fields == UNLIMITED
+    assert config.max_field_size == UNLIMITED
+    assert config.max_request_head == UNLIMITED
+    assert config.limit_request_line == 0
+    config = Config(
+        limit_request_line=100,
+        limit_request_fields=3,
+        limit_request_field_size=200,
+        limit_request_head=300,
+    )
     assert config.max_request_line == 100
+    assert config.max_request_fields == 3
     assert config.max_field_size == 200
+    assert config.max_request_head == 300
+
+
+# -- limits of 0 over real sockets -------------------------------------------------------------
+
+CLOSE_HEAD = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+
+
+async def status_of(request: bytes, **options: Any) -> int:
+    """Serve ``request`` on a new server with ``options``; return the response's status."""
+    async with running(apps.hello, **options) as srv:
+        replies = decode_replies(await exchange(srv.port, request))
+    assert len(replies) == 1, replies
+    return replies[0].status
+
+
+async def test_limit_request_line_0_serves_a_long_request_line() -> None:
+    line = b"GET /" + b"a" * (100 * KiB) + b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    assert await status_of(line, limit_request_line=0, limit_request_head=0) == 200
+    # The head limit still bounds a request line when only the line limit is lifted.
+    assert await status_of(line, limit_request_line=0) == 431
+    assert await status_of(line) == 414
+
+
+async def test_limit_request_fields_0_serves_many_fields() -> None:
+    request = CLOSE_HEAD + b"".join(b"X-%d: v\r\n" % i for i in range(300)) + b"\r\n"
+    assert await status_of(request, limit_request_fields=0) == 200
+    assert await status_of(request) == 431
+
+
+async def test_limit_request_field_size_0_serves_a_long_field() -> None:
+    request = CLOSE_HEAD + b"X-Long: " + b"v" * (100 * KiB) + b"\r\n\r\n"
+    assert await status_of(request, limit_request_field_size=0, limit_request_head=0) == 200
+    assert await status_of(request, limit_request_head=0) == 431
+
+
+async def test_limit_request_head_0_serves_a_large_head() -> None:
+    request = CLOSE_HEAD + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 4000) for i in range(50))
+    request += b"\r\n"
+    assert len(request) > 128 * KiB
+    assert await status_of(request, limit_request_head=0) == 200
+    assert await status_of(request) == 431
 
 
 @pytest.mark.parametrize(
