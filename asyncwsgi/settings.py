@@ -30,6 +30,8 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from dotenv import dotenv_values
+
 from .config import Config
 from .errors import ConfigError
 
@@ -181,46 +183,23 @@ def options_from_toml(path: str | Path, *, required: bool = True) -> dict[str, A
 
 
 def read_env_file(path: str | Path) -> dict[str, str]:
-    """Return the variables of a dotenv file.
+    """Return the variables of a dotenv file, as python-dotenv's ``dotenv_values`` reads it.
 
-    With python-dotenv installed its parser is used (quotes, ``export``, ``${VAR}``
-    expansion). Without it, a small reader takes ``KEY=VALUE`` lines, an optional ``export``
-    prefix, ``#`` comment lines, and values in matching single or double quotes.
+    python-dotenv's syntax: ``KEY=VALUE`` lines, an optional ``export`` prefix, ``#``
+    comments, single- and double-quoted values (escapes in double quotes), and ``${VAR}``
+    expansion. A key without ``=`` sets nothing.
 
     Raises:
-        ConfigError: the file cannot be read.
+        ConfigError: the file is missing or cannot be read.
     """
     if not os.path.isfile(path):
         raise ConfigError(f"env file {str(path)!r} not found")
     try:
-        from dotenv import dotenv_values
-    except ImportError:
-        return _read_env_file(path)
-    return {key: value for key, value in dotenv_values(path).items() if value is not None}
-
-
-def _read_env_file(path: str | Path) -> dict[str, str]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read env file {str(path)!r}: {exc.strerror}") from None
-    values: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[7:].lstrip()
-        key, sep, value = line.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key:
-            continue
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        elif " #" in value:
-            value = value.split(" #", 1)[0].rstrip()
-        values[key] = value
-    return values
+        values = dotenv_values(path, encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else exc
+        raise ConfigError(f"cannot read env file {str(path)!r}: {reason}") from None
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def load_env_file(path: str | Path, environ: MutableMapping[str, str] | None = None) -> None:
