@@ -11,7 +11,6 @@ Field names follow gunicorn and uvicorn, so ``--limit-request-line`` and
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -452,11 +451,6 @@ class Config:
         if not specs:
             specs.append(BindSpec(kind="tcp", host=self.host, port=self.port))
         return specs
-
-    @classmethod
-    def field_names(cls) -> frozenset[str]:
-        """Return the names ``serve(**options)`` accepts."""
-        return frozenset(f.name for f in dataclasses.fields(cls))
 
 
 @dataclass(frozen=True, slots=True)

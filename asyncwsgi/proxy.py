@@ -318,7 +318,7 @@ class ProxyHeaders:
 
     def apply(self, environ: dict[str, Any]) -> None:
         """Remove the untrusted forwarding headers of ``environ``, then rewrite it in place from
-        the trusted ones. Loop or worker thread."""
+        the trusted ones. Loop thread or pool thread."""
         for key in self.removed:
             environ.pop(key, None)
         forwarded = environ.get("HTTP_FORWARDED")

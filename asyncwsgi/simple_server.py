@@ -14,7 +14,7 @@ offers its users: ``serve_forever()``, ``shutdown()``, ``handle_request()``, ``s
 keep-alive, the event loop (uvloop when installed) run in the thread that calls
 ``serve_forever()``, and a thread pool for the application.
 
-Differences from wsgiref: requests are served concurrently (by ``threads`` worker threads), the
+Differences from wsgiref: requests are served concurrently (by ``threads`` pool threads), the
 socket is bound in :func:`make_server` as wsgiref does but listens with asyncwsgi's backlog, and
 nothing is printed per request: access lines go to the ``asyncwsgi.access`` logger, which the
 program configures (``logging.basicConfig(level=logging.INFO)`` shows them).
@@ -90,7 +90,7 @@ class WSGIServer:
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Serve until :meth:`shutdown` is called from another thread. Blocks the caller.
 
-        The event loop runs in the calling thread, the application in the worker threads. On
+        The event loop runs in the calling thread, the application in the pool threads. On
         return every connection is closed; requests in flight were allowed to finish (up to
         ``config.timeout_graceful_shutdown`` seconds). ``poll_interval`` is accepted for
         compatibility and unused: :meth:`shutdown` wakes the loop at once.
