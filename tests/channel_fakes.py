@@ -206,7 +206,9 @@ class ChannelHandle:
     loop's callbacks run (both do that), and time passes only in :meth:`tick`.
     """
 
-    def __init__(self, factory: ChannelFactory, state: ServerState, peer: tuple[str, int] | str):
+    def __init__(
+        self, factory: ChannelFactory, state: ServerState, peer: tuple[str, int] | str
+    ) -> None:
         self._factory = factory
         self._state = state
         self.clock = factory.clock
@@ -225,6 +227,7 @@ class ChannelHandle:
     def feed(self, data: bytes) -> None:
         """The client sent ``data``: the channel receives it now, unless reading is paused
         (then it waits in the socket until reading resumes) or the transport is closed."""
+        assert data, "an empty read is end of file: use eof()"
         self.transport.unread.append(data)
         self._deliver_unread()
 
@@ -356,7 +359,9 @@ class ChannelHandle:
 class AppThread:
     """One application call running in a thread of its own; the loop stays the test's."""
 
-    def __init__(self, handle: ChannelHandle, fn: Callable[..., object], args: tuple[Any, ...]):
+    def __init__(
+        self, handle: ChannelHandle, fn: Callable[..., object], args: tuple[Any, ...]
+    ) -> None:
         self._handle = handle
         self._thread = threading.Thread(target=fn, args=args, name="channel-test-app")
         self._thread.start()
