@@ -15,7 +15,7 @@ its own), the number of serving workers converges to ``--workers``.
 
 Each worker keeps a pipe to the supervisor: it writes ``R`` once it accepts connections, ``M``
 when ``--max-requests`` is reached and it stops accepting (its replacement starts at once), and
-the error that stopped it from booting.
+the error that stopped it from booting. The worker's side of this is :mod:`asyncwsgi.worker`.
 
 Signals, as gunicorn's arbiter, except that SIGINT is graceful the first time:
 
@@ -36,12 +36,12 @@ failed to boot", unless workers of an older generation still serve: then the rel
 abandoned, they keep serving, and the next SIGHUP tries again.
 
 ``--reload`` is the same machinery with one worker and a file watcher (watchfiles, in a process
-of its own):
-every change starts a new generation, so a change during a reload is never lost, and a worker
-still booting an outdated version is stopped before it can serve it. The supervisor keeps the
-listening socket, so a browser never sees a refused connection. A worker that cannot boot the
-changed application shows the error once, is retried once after 0.25 s (a file still being
-written), and the old worker keeps serving until the next change.
+of its own, :mod:`asyncwsgi.reloader`): every change starts a new generation, so a change during
+a reload is never lost, and a worker still booting an outdated version is stopped before it can
+serve it. The supervisor keeps the listening socket, so a browser never sees a refused
+connection. A worker that cannot boot the changed application shows the error once, is retried
+once after 0.25 s (a file still being written), and the old worker keeps serving until the next
+change.
 
 A signal sent to the whole process group (systemd's ``KillMode=control-group``, Ctrl-C in a
 terminal) reaches each worker directly as well as forwarded, which is why a worker takes a
@@ -56,29 +56,33 @@ Main thread of the supervisor process only; Unix only (``os.fork``).
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import os
 import selectors
 import signal
 import socket
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .config import Config
 from .logs import error_logger, reopen_log_files
+from .reloader import Watcher, forget_bytecode
+from .worker import (
+    APP_LOAD_ERROR,
+    BOOT_ERROR,
+    MAX_REQUESTS,
+    READY,
+    SUPERVISOR_SIGNALS,
+    fork,
+    run_worker,
+)
 
 if TYPE_CHECKING:
     from ._types import WSGIApplication
-    from .server import Server
 
 __all__ = ["Supervisor", "APP_LOAD_ERROR", "BOOT_TRIES"]
-
-#: Exit status of a worker (and of the supervisor) when the application cannot be imported.
-APP_LOAD_ERROR = 3
 
 #: Failed boots in a row after which the supervisor gives up (2 with ``--reload``: one retry).
 BOOT_TRIES = 5
@@ -87,24 +91,9 @@ _RELOAD_BOOT_TRIES = 2
 #: ``_BOOT_BACKOFF_MAX``.
 _BOOT_BACKOFF = 0.25
 _BOOT_BACKOFF_MAX = 4.0
-#: ``--reload``: milliseconds without a further change after which a burst of changes is one
-#: reload (watchfiles' ``step``).
-_RELOAD_SETTLE_MS = 100
-
-# Messages on a worker's pipe to the supervisor.
-_READY = b"R"  # accepting connections
-_MAX_REQUESTS = b"M"  # --max-requests reached: no longer accepting, draining
-_BOOT_ERROR = b"E"  # followed by the error text, up to EOF
 
 # The signals the supervisor handles (see the module docstring).
-_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGHUP,
-    signal.SIGUSR1,
-    signal.SIGCHLD,
-)
+_SIGNALS = SUPERVISOR_SIGNALS
 
 _WATCHER = -1  # the selector key data of the watcher's pipe (a worker's is its pid)
 
@@ -150,13 +139,11 @@ class Supervisor:
         self._last_boot_error = b""  # shown once, not again for each retry
         self._spawn_after = 0.0  # no new worker before this time.monotonic() (backoff)
         self._halted = False  # gave up booting: no new worker until the next reload request
-        self._watcher: tuple[int, int] | None = None  # --reload: the watcher's pid, its pipe
-        self._watch_buffer = b""
+        self._watcher = Watcher(config)  # --reload
         self._changes: list[str] = []  # --reload: changed paths not yet acted on
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         self._exit_status = 0
-        self._booted = False  # in a worker process: whether it reported ready
 
     # -- supervisor process ---------------------------------------------------------------------
 
@@ -179,7 +166,7 @@ class Supervisor:
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         if config.reload:
             error_logger.info(
-                "Will watch for changes in these directories: %s", list(self._watch_dirs())
+                "Will watch for changes in these directories: %s", self._watcher.dirs()
             )
         else:
             error_logger.info(
@@ -192,7 +179,7 @@ class Supervisor:
                 self._tick(self._next_timeout())
             self._stop_workers()
         finally:
-            self._stop_watcher()
+            self._watcher.stop()
             signal.set_wakeup_fd(-1)
             for signum in _SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
@@ -237,7 +224,7 @@ class Supervisor:
             self._reload_requested = False
             self._new_generation()
             for path in changed:
-                _forget_bytecode(path)
+                forget_bytecode(path)
         self._manage()
         if self._reopen_logs:
             self._reopen_logs = False
@@ -246,67 +233,22 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGUSR1)
 
-    def _watch_dirs(self) -> list[str]:
-        return [os.path.abspath(d) for d in (self.config.reload_dir or (".",))]
-
     def _start_watcher(self) -> None:
-        """``--reload``: fork the file watcher (watchfiles); return once it watches, so that no
-        change made after this is missed. Its changes arrive on a pipe (see :meth:`_tick`)."""
-        changes_r, changes_w = os.pipe()
-        pid = _fork()
-        if pid == 0:
-            status = 1
-            try:
-                os.close(changes_r)
-                self._close_inherited()
-                for sock in self._sockets:
-                    sock.close()
-                signal.set_wakeup_fd(-1)
-                for signum in _SIGNALS:  # SIGTERM from the supervisor stops it
-                    signal.signal(signum, signal.SIG_DFL)
-                for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1):
-                    signal.signal(signum, signal.SIG_IGN)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-                status = _watch_files(self._watch_dirs(), _ReloadFilter(self.config), changes_w)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(status)
-        os.close(changes_w)
-        self._watcher = (pid, changes_r)
-        if os.read(changes_r, 1) != b"\0":  # blocks until it watches
-            raise RuntimeError("the file watcher could not start")
-        os.set_blocking(changes_r, False)
-        self._selector.register(changes_r, selectors.EVENT_READ, _WATCHER)
+        """``--reload``: fork the file watcher; its changes arrive on a pipe (see :meth:`_tick`)."""
+
+        def in_child() -> None:
+            self._close_inherited()
+            for sock in self._sockets:
+                sock.close()
+
+        self._watcher.start(in_child, _SIGNALS)
+        self._selector.register(self._watcher.fd, selectors.EVENT_READ, _WATCHER)
 
     def _read_changes(self) -> None:
-        """Collect the changed paths the watcher wrote (each followed by a NUL byte)."""
-        assert self._watcher is not None
-        fd = self._watcher[1]
-        while True:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                break
-            if not data:
-                error_logger.error("The file watcher stopped; changes are no longer detected")
-                self._selector.unregister(fd)
-                break
-            self._watch_buffer += data
-        *paths, rest = self._watch_buffer.split(b"\0")
-        self._watch_buffer = rest
-        self._changes.extend(os.fsdecode(path) for path in paths if path)
-
-    def _stop_watcher(self) -> None:
-        if self._watcher is None:
-            return
-        pid, fd = self._watcher
-        self._watcher = None
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        os.close(fd)
+        paths, alive = self._watcher.read()
+        self._changes.extend(paths)
+        if not alive:
+            self._selector.unregister(self._watcher.fd)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         # Runs between bytecodes of the main thread; keep it to flag setting.
@@ -390,18 +332,14 @@ class Supervisor:
 
     def _spawn(self) -> _Worker:
         ready_r, ready_w = os.pipe()
-        pid = _fork()
+        pid = fork()
         if pid == 0:  # the worker
             os.close(ready_r)
-            status = 1
-            try:
-                status = self._worker_main(ready_w)
-            except BaseException:
-                self._report_boot_error(ready_w, traceback.format_exc())
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(status)
+            os._exit(
+                run_worker(
+                    self.load_app, self.config, self._sockets, ready_w, self._close_inherited
+                )
+            )
         os.close(ready_w)
         os.set_blocking(ready_r, False)
         worker = _Worker(pid, self._generation, ready_r, time.monotonic())
@@ -428,14 +366,14 @@ class Supervisor:
             if worker.boot_error:
                 worker.boot_error += data
                 continue
-            codes, error, text = data.partition(_BOOT_ERROR)
+            codes, error, text = data.partition(BOOT_ERROR)
             if error:
                 worker.boot_error += error + text
-            if _READY in codes and not worker.ready:
+            if READY in codes and not worker.ready:
                 worker.ready = True
                 self._boot_failures = 0
                 self._last_boot_error = b""
-            if _MAX_REQUESTS in codes and worker.pid not in self._retiring:
+            if MAX_REQUESTS in codes and worker.pid not in self._retiring:
                 # It stops accepting now and exits once its requests are done.
                 self._retiring.add(worker.pid)
                 error_logger.info(
@@ -482,7 +420,7 @@ class Supervisor:
 
     def _boot_failed(self, worker: _Worker, code: int) -> None:
         """``worker`` exited before it accepted connections: retry later, or give up."""
-        text = bytes(worker.boot_error[len(_BOOT_ERROR) :])
+        text = bytes(worker.boot_error[len(BOOT_ERROR) :])
         if text and text != self._last_boot_error:
             sys.stderr.write(text.decode("utf-8", "replace"))
             sys.stderr.flush()
@@ -535,6 +473,17 @@ class Supervisor:
             self._stopping = True
             self._signal_name = ""
 
+    def _close_inherited(self) -> None:
+        """In a child process: close the supervisor's own descriptors."""
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self._watcher.fd >= 0:
+            os.close(self._watcher.fd)
+        for worker in self.workers.values():
+            if worker.ready_fd >= 0:
+                os.close(worker.ready_fd)
+
     def _stop_workers(self) -> None:
         """Stop every worker: SIGTERM, and SIGKILL after ``--timeout-graceful-shutdown`` + 5 s.
 
@@ -570,186 +519,6 @@ class Supervisor:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
             self.workers.pop(pid, None)
-
-    # -- worker process -------------------------------------------------------------------------
-
-    def _worker_main(self, ready_fd: int) -> int:
-        """The worker process after fork: import the app, serve, report ready on ``ready_fd``.
-
-        Signals come blocked from :func:`_fork`. Those that :func:`asyncwsgi.server.run`
-        handles are kept by a :class:`_BootSignals` until its handlers are installed, so a
-        signal that arrives while the application is imported is acted on once the worker is
-        up; SIGHUP is the supervisor's alone.
-        """
-        signal.set_wakeup_fd(-1)
-        boot_signals = _BootSignals()
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-        self._close_inherited()
-        try:
-            app = self.load_app()
-        except Exception as exc:
-            from .cli import AppLoadError
-
-            if isinstance(exc, AppLoadError):
-                self._report_boot_error(ready_fd, f"Error: {exc}\n")
-            else:
-                self._report_boot_error(ready_fd, traceback.format_exc())
-            return APP_LOAD_ERROR
-        from .server import run
-
-        boot_signals.hand_over()
-
-        def report(message: bytes) -> None:
-            with contextlib.suppress(OSError):
-                os.write(ready_fd, message)
-
-        def started(server: Server) -> None:
-            self._booted = True
-            server.on_max_requests = lambda: report(_MAX_REQUESTS)
-            report(_READY)
-            if server.should_exit.is_set():
-                report(_MAX_REQUESTS)
-
-        sockets = self._sockets or None
-        run(app, config=self.config, sockets=sockets, configure_logs=False, on_started=started)
-        return 0
-
-    def _close_inherited(self) -> None:
-        """In a child process: close the supervisor's own descriptors."""
-        self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        if self._watcher is not None:
-            os.close(self._watcher[1])
-        for worker in self.workers.values():
-            if worker.ready_fd >= 0:
-                os.close(worker.ready_fd)
-
-    def _report_boot_error(self, ready_fd: int, text: str) -> None:
-        """In a worker: hand why it could not boot to the supervisor, which shows it once per
-        failure streak; after the boot, print it."""
-        if self._booted:
-            sys.stderr.write(text)
-            return
-        data = _BOOT_ERROR + text.encode("utf-8", "replace")
-        with contextlib.suppress(OSError):
-            while data:
-                data = data[os.write(ready_fd, data) :]
-
-
-def _fork() -> int:
-    """``os.fork()`` with the supervisor's signals blocked across it.
-
-    The parent unblocks them at once. The child starts with them blocked, so that none reaches
-    the supervisor's handlers in the child; it unblocks them once its own are installed
-    (:meth:`Supervisor._worker_main`).
-
-    Raises:
-        OSError: the fork failed (no memory, process limit).
-    """
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-    pid = -1
-    try:
-        pid = os.fork()
-    finally:
-        if pid != 0:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-    return pid
-
-
-class _BootSignals:
-    """The signals a worker receives while it boots, kept for its event loop.
-
-    Installed as the handler of :data:`asyncwsgi.server.HANDLED_SIGNALS` in a new worker, it
-    records them while the application is imported. :meth:`hand_over` then blocks these signals
-    and raises the recorded ones again, so that they are pending when
-    :func:`asyncwsgi.server.run` has installed its handlers and unblocks them. Two SIGINTs
-    become one SIGQUIT, which the loop takes for the same "stop now" (the kernel keeps one
-    pending signal of each kind). Main thread of the worker.
-    """
-
-    def __init__(self) -> None:
-        from .server import HANDLED_SIGNALS
-
-        self.signals = HANDLED_SIGNALS
-        self.received: list[int] = []
-        self.handed_over = False
-        for signum in self.signals:
-            signal.signal(signum, self)
-
-    def __call__(self, signum: int, frame: object) -> None:
-        if self.handed_over:
-            signal.raise_signal(signum)  # blocked in this thread: pending until run() unblocks
-        else:
-            self.received.append(signum)
-
-    def hand_over(self) -> None:
-        """Block the signals and make the ones received so far pending again (main thread)."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
-        self.handed_over = True
-        received = set(self.received)
-        if self.received.count(signal.SIGINT) > 1:
-            received.add(signal.SIGQUIT)
-        for signum in received:
-            signal.raise_signal(signum)
-
-
-class _ReloadFilter:
-    """Which changed paths restart the server: ``--reload-include``/``--reload-exclude`` globs."""
-
-    def __init__(self, config: Config) -> None:
-        self.include = config.reload_include or ("*.py",)
-        self.exclude = config.reload_exclude or (".*", "*.py[cod]", "*~", "__pycache__")
-
-    def __call__(self, change: object, path: str) -> bool:
-        parts = path.split(os.sep)
-        name = parts[-1]
-        if any(fnmatch.fnmatch(part, pattern) for part in parts for pattern in self.exclude):
-            return False
-        return any(fnmatch.fnmatch(name, pattern) for pattern in self.include)
-
-
-def _watch_files(dirs: list[str], watch_filter: _ReloadFilter, out: int) -> int:
-    """The watcher process: write each changed path to ``out``, then a NUL byte (a first NUL
-    byte once watching has begun). Returns the exit status once the supervisor is gone."""
-    import watchfiles
-
-    parent = os.getppid()
-    watching = False
-    for changes in watchfiles.watch(
-        *dirs,
-        watch_filter=watch_filter,
-        step=_RELOAD_SETTLE_MS,
-        yield_on_timeout=True,
-        rust_timeout=200,
-        raise_interrupt=False,
-    ):
-        if os.getppid() != parent:
-            return 0
-        data = b"".join(os.fsencode(path) + b"\0" for _, path in changes)
-        if not watching:
-            watching = True
-            data = b"\0" + data
-        try:
-            while data:
-                data = data[os.write(out, data) :]
-        except BrokenPipeError:
-            return 0
-    return 0
-
-
-def _forget_bytecode(path: str) -> None:
-    """Remove the cached bytecode of a changed ``.py`` file. A timestamp-based ``.pyc`` records
-    the source's mtime in whole seconds and its size, so a same-size edit within a second of
-    the last import would otherwise load the old code."""
-    if not path.endswith(".py"):
-        return
-    import importlib.util
-
-    with contextlib.suppress(OSError, ValueError, NotImplementedError):
-        os.unlink(importlib.util.cache_from_source(path))
 
 
 def _describe(code: int) -> str:
