@@ -209,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         serve_parser.error(str(exc))
     try:
-        if config.reload or config.workers > 1 or config.max_requests:
+        # An explicit --workers (1 included, as gunicorn's -w 1) runs the supervisor.
+        if "workers" in args or config.reload or config.max_requests:
             return _supervise(app_spec, config)
         app = load_app(app_spec, app_dir=config.app_dir, factory=config.factory)
     except (AppLoadError, ConfigError) as exc:  # ConfigError: --log-config, --access-logfile

@@ -129,11 +129,11 @@ class Config:
     loop: LoopName = _opt("auto", "event loop", group="Processes")
     workers: int = _opt(
         1,
-        "worker processes",
+        "worker processes under a supervisor",
         "-w",
         group="Processes",
         metavar="N",
-        default_text="1, or $WEB_CONCURRENCY",
+        default_text="$WEB_CONCURRENCY, else none",
     )
     max_requests: int = _opt(
         0,
