@@ -226,6 +226,14 @@ class Config:
         group="Threads and timeouts",
         metavar="SECONDS",
     )
+    timeout_worker_healthcheck: float = _opt(
+        30.0,
+        "abort a worker whose event loop is silent this long",
+        "--timeout",
+        group="Processes",
+        metavar="SECONDS",
+        default_text="30; 0: off",
+    )
 
     # -- limits (gunicorn's names) -----------------------------------------------------------
     limit_request_line: int = _opt(
@@ -377,6 +385,7 @@ class Config:
             "timeout_queue",
             "timeout_linger",
             "timeout_graceful_shutdown",
+            "timeout_worker_healthcheck",
             "limit_request_line",
             "limit_request_fields",
             "limit_request_field_size",

@@ -63,9 +63,9 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .checks import KILL_AFTER_ABORT, WorkerState, heartbeat_interval, silent_for
 from .config import Config
 from .logs import error_logger, reopen_log_files
 from .reloader import Watcher, forget_bytecode
@@ -100,18 +100,6 @@ _WATCHER = -1  # the selector key data of the watcher's pipe (a worker's is its 
 AppLoader = Callable[[], "WSGIApplication"]
 
 
-@dataclass
-class _Worker:
-    pid: int
-    generation: int
-    #: Read end of the worker's pipe (non-blocking); -1 once the worker closed it.
-    ready_fd: int
-    started: float
-    ready: bool = False
-    #: What the worker wrote after ``E``: why it could not boot.
-    boot_error: bytearray = field(default_factory=bytearray)
-
-
 class Supervisor:
     """Run ``config.workers`` worker processes and keep that many alive.
 
@@ -124,7 +112,7 @@ class Supervisor:
     def __init__(self, load_app: AppLoader, config: Config) -> None:
         self.load_app = load_app
         self.config = config
-        self.workers: dict[int, _Worker] = {}
+        self.workers: dict[int, WorkerState] = {}
         self._sockets: list[socket.socket] = []
         self._stopping = False
         self._interrupted = False  # a SIGINT came: a second one means "now"
@@ -197,8 +185,10 @@ class Supervisor:
         return 1 if self.config.reload else self.config.workers
 
     def _next_timeout(self) -> float:
-        wait = self._spawn_after - time.monotonic()
-        return min(1.0, wait) if wait > 0 else 1.0
+        now = time.monotonic()
+        deadlines = [self._spawn_after]
+        deadlines += [w.aborted + KILL_AFTER_ABORT for w in self.workers.values() if w.aborted]
+        return min([1.0, *(d - now for d in deadlines if d > now)])
 
     def _tick(self, timeout: float) -> None:
         """Handle wake-ups and worker messages for up to ``timeout`` s, reap, manage workers."""
@@ -211,6 +201,7 @@ class Supervisor:
                 worker = self.workers.get(key.data)
                 if worker is not None:
                     self._read_messages(worker)
+        self._check_workers()
         self._reap()
         changed, self._changes = self._changes, []
         if changed:
@@ -290,7 +281,7 @@ class Supervisor:
             if not worker.ready:
                 self._retire(worker, signal.SIGKILL)
 
-    def _active(self) -> list[_Worker]:
+    def _active(self) -> list[WorkerState]:
         """The workers not told to stop, oldest first."""
         return [w for pid, w in self.workers.items() if pid not in self._retiring]
 
@@ -319,7 +310,7 @@ class Supervisor:
         for _ in range(missing):
             self._spawn()
 
-    def _retire(self, worker: _Worker, signum: int) -> None:
+    def _retire(self, worker: WorkerState, signum: int) -> None:
         """Tell ``worker`` to stop, once; it is no longer counted."""
         self._retiring.add(worker.pid)
         error_logger.info(
@@ -330,25 +321,30 @@ class Supervisor:
 
     # -- worker processes -----------------------------------------------------------------------
 
-    def _spawn(self) -> _Worker:
+    def _spawn(self) -> WorkerState:
         ready_r, ready_w = os.pipe()
         pid = fork()
         if pid == 0:  # the worker
             os.close(ready_r)
             os._exit(
                 run_worker(
-                    self.load_app, self.config, self._sockets, ready_w, self._close_inherited
+                    self.load_app,
+                    self.config,
+                    self._sockets,
+                    ready_w,
+                    self._close_inherited,
+                    heartbeat_interval(self.config),
                 )
             )
         os.close(ready_w)
         os.set_blocking(ready_r, False)
-        worker = _Worker(pid, self._generation, ready_r, time.monotonic())
+        worker = WorkerState(pid, self._generation, ready_r, time.monotonic())
         self.workers[pid] = worker
         self._selector.register(ready_r, selectors.EVENT_READ, pid)
         error_logger.info("Booting worker with pid: %d", pid)
         return worker
 
-    def _read_messages(self, worker: _Worker) -> None:
+    def _read_messages(self, worker: WorkerState) -> None:
         """Read what ``worker`` wrote on its pipe so far; close the pipe at EOF."""
         fd = worker.ready_fd
         while fd >= 0:
@@ -363,6 +359,7 @@ class Supervisor:
                 os.close(fd)
                 worker.ready_fd = -1
                 return
+            worker.last_beat = time.monotonic()
             if worker.boot_error:
                 worker.boot_error += data
                 continue
@@ -379,6 +376,38 @@ class Supervisor:
                 error_logger.info(
                     "Worker (pid: %d) reached --max-requests; starting a new one", worker.pid
                 )
+
+    def _check_workers(self) -> None:
+        """Abort a worker whose event loop has not answered for ``--timeout-worker-healthcheck``
+        seconds (SIGABRT: :mod:`faulthandler` writes its threads' stacks), SIGKILL it
+        :data:`KILL_AFTER_ABORT` seconds later if it is still alive; its replacement starts at
+        once."""
+        now = time.monotonic()
+        timeout = self.config.timeout_worker_healthcheck
+        for worker in self.workers.values():
+            silent = silent_for(worker, now, timeout)
+            if silent:
+                # gunicorn's "WORKER TIMEOUT (pid:N)".
+                error_logger.critical(
+                    "WORKER TIMEOUT (pid: %d): its event loop has not answered for %.1f s "
+                    "(--timeout-worker-healthcheck %g); sending SIGABRT",
+                    worker.pid,
+                    silent,
+                    timeout,
+                )
+                worker.aborted = now
+                self._retiring.add(worker.pid)  # not counted: replaced now
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGABRT)
+            elif worker.aborted and not worker.killed and now >= worker.aborted + KILL_AFTER_ABORT:
+                error_logger.error(
+                    "Worker (pid: %d) still alive %g s after SIGABRT; sending SIGKILL",
+                    worker.pid,
+                    KILL_AFTER_ABORT,
+                )
+                worker.killed = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
 
     def _reap(self) -> None:
         while True:
@@ -399,6 +428,8 @@ class Supervisor:
             code = os.waitstatus_to_exitcode(status)
             if pid in self._retiring:
                 self._retiring.discard(pid)
+                if worker.aborted:
+                    error_logger.warning("Worker (pid: %d) ended by %s", pid, _describe(code))
                 continue
             if self._stopping:
                 continue
@@ -418,7 +449,7 @@ class Supervisor:
                     "Worker (pid: %d) died with %s; %s", pid, _describe(code), then
                 )
 
-    def _boot_failed(self, worker: _Worker, code: int) -> None:
+    def _boot_failed(self, worker: WorkerState, code: int) -> None:
         """``worker`` exited before it accepted connections: retry later, or give up."""
         text = bytes(worker.boot_error[len(BOOT_ERROR) :])
         if text and text != self._last_boot_error:

@@ -6,14 +6,21 @@ supervisor and writes one-byte messages on it:
 
 - ``R`` (:data:`READY`) once it accepts connections;
 - ``M`` (:data:`MAX_REQUESTS`) when ``--max-requests`` is reached and it stops accepting;
-- ``E`` (:data:`BOOT_ERROR`) followed by the error text, up to EOF, when it cannot boot.
+- ``E`` (:data:`BOOT_ERROR`) followed by the error text, up to EOF, when it cannot boot;
+- ``H`` (:data:`HEARTBEAT`) every few seconds from a timer of its event loop, so that the
+  supervisor sees that the loop runs (``--timeout-worker-healthcheck``).
+
+:mod:`faulthandler` is enabled in every worker: a worker that stops answering gets SIGABRT from
+the supervisor, and the stack of each of its threads goes to stderr before it dies.
 
 Main thread of a worker process (and :func:`fork` in the supervisor's); Unix only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import faulthandler
 import os
 import signal
 import socket
@@ -33,6 +40,7 @@ __all__ = [
     "READY",
     "MAX_REQUESTS",
     "BOOT_ERROR",
+    "HEARTBEAT",
     "SUPERVISOR_SIGNALS",
     "fork",
     "run_worker",
@@ -45,6 +53,7 @@ APP_LOAD_ERROR = 3
 READY = b"R"  # accepting connections
 MAX_REQUESTS = b"M"  # --max-requests reached: no longer accepting, draining
 BOOT_ERROR = b"E"  # followed by the error text, up to EOF
+HEARTBEAT = b"H"  # the event loop runs
 
 #: The signals the supervisor handles; blocked across :func:`fork`.
 SUPERVISOR_SIGNALS = (
@@ -83,6 +92,7 @@ def run_worker(
     sockets: list[socket.socket],
     pipe: int,
     close_inherited: Callable[[], None],
+    heartbeat: float,
 ) -> int:
     """The worker process after fork: import the app, serve it, report on ``pipe``.
 
@@ -93,12 +103,13 @@ def run_worker(
         pipe: write end of the pipe to the supervisor.
         close_inherited: closes the supervisor's own descriptors (called once the supervisor's
             wake-up descriptor is no longer used for signals).
+        heartbeat: seconds between two :data:`HEARTBEAT` messages once serving.
 
     Returns the exit status: 0 after a shutdown, :data:`APP_LOAD_ERROR` when the application
     cannot be imported, 1 when anything else stopped the worker (its traceback is reported).
     Never raises.
     """
-    worker = _Worker(load_app, config, sockets, pipe)
+    worker = _Worker(load_app, config, sockets, pipe, heartbeat)
     status = 1
     try:
         status = worker.main(close_inherited)
@@ -117,11 +128,13 @@ class _Worker:
         config: Config,
         sockets: list[socket.socket],
         pipe: int,
+        heartbeat: float,
     ) -> None:
         self.load_app = load_app
         self.config = config
         self.sockets = sockets
         self.pipe = pipe
+        self.heartbeat = heartbeat
         self.booted = False  # whether it reported ready
 
     def main(self, close_inherited: Callable[[], None]) -> int:
@@ -136,6 +149,8 @@ class _Worker:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISOR_SIGNALS)
         close_inherited()
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # stderr without a fd
+            faulthandler.enable(file=sys.stderr, all_threads=True)
         try:
             app = self.load_app()
         except Exception as exc:
@@ -156,6 +171,13 @@ class _Worker:
             self.report(READY)
             if server.should_exit.is_set():
                 self.report(MAX_REQUESTS)
+            loop = asyncio.get_running_loop()
+
+            def beat() -> None:
+                self.report(HEARTBEAT)
+                loop.call_later(self.heartbeat, beat)
+
+            loop.call_later(self.heartbeat, beat)
 
         sockets = self.sockets or None
         run(app, config=self.config, sockets=sockets, configure_logs=False, on_started=started)

@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "timeout_queue": 30.0,
     "timeout_linger": 5.0,
     "timeout_graceful_shutdown": 30.0,
+    "timeout_worker_healthcheck": 30.0,
     "limit_request_line": 8190,
     "limit_request_fields": 100,
     "limit_request_field_size": 8190,

@@ -4,21 +4,35 @@ age. Real processes, signals and sockets; the subprocess serves the applications
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
+import re
+import subprocess
+import threading
+import time
 from typing import Any
 
 import pytest
 
-from .test_cli import CLIServer, http_client
+from .test_cli import CLIServer, http_client, port_of
+from .test_supervisor import _children
 
 APP = "tests.test_worker_recovery:app"
+DEADLINE = 20.0
 
 
 # -- the application served by the subprocess --------------------------------------------------
 
 
 def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-    """``/``: the serving process's pid."""
+    """``/``: the serving process's pid. ``/regex``: a catastrophic regular expression, which
+    holds the GIL for hours. ``/sleep?S``: sleeps S seconds (releasing the GIL) first."""
+    path = environ["PATH_INFO"]
+    if path == "/regex":
+        re.match(r"(a+)+$", "a" * 40 + "b")
+    elif path == "/sleep":
+        time.sleep(float(environ["QUERY_STRING"]))
     body = str(os.getpid()).encode()
     start_response("200 OK", [("Content-Length", str(len(body)))])
     return [body]
@@ -53,3 +67,72 @@ def test_without_workers_a_single_process_serves() -> None:
         assert served_by == server.proc.pid
         assert server.stop() == 0
         assert "supervisor" not in server.output
+
+
+# -- hung workers: --timeout-worker-healthcheck ---------------------------------------------------
+
+
+def _get(port: int, path: str = "/", timeout: float = DEADLINE) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        assert response.status == 200
+        return response.read().decode()
+    finally:
+        conn.close()
+
+
+def _converges(server: CLIServer, count: int) -> None:
+    """Wait until the supervisor has exactly ``count`` live workers (bounded polling of process
+    state: no event tells that a process has exited)."""
+    deadline = time.monotonic() + DEADLINE
+    while len(_children(server.proc.pid)) != count:
+        assert time.monotonic() < deadline, server.output
+        with pytest.raises(subprocess.TimeoutExpired):
+            server.proc.wait(0.1)  # the supervisor must still run
+
+
+def test_worker_holding_the_gil_is_aborted_with_its_stacks_and_replaced() -> None:
+    """A request runs a catastrophic regular expression: the worker's event loop stops, the
+    supervisor aborts it (faulthandler writes every thread's stack), then replaces it."""
+    args = ("--port", "0", "--workers", "2", "--timeout-worker-healthcheck", "2")
+    with CLIServer(APP, *args, "--no-access-log") as server:
+        server.wait_for("Listening at")
+        server.wait_for("Listening at")
+        port = port_of(server.url())
+
+        def hang() -> None:
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                _get(port, "/regex")
+
+        client = threading.Thread(target=hang)
+        client.start()
+        timeout = server.wait_for(
+            r"WORKER TIMEOUT \(pid: (\d+)\): its event loop has not answered for ([\d.]+) s"
+        )
+        hung, silent = int(timeout.group(1)), float(timeout.group(2))
+        assert silent >= 2
+        server.wait_for(rf"Worker \(pid: {hung}\) ended by SIG(ABRT|KILL)")
+        client.join(DEADLINE)
+        _converges(server, 2)
+        assert hung not in _children(server.proc.pid)
+        for _ in range(6):
+            assert int(_get(port)) != hung
+        assert server.stop() == 0
+    # faulthandler's dump of the hung worker: its threads, the app's frame among them.
+    assert "Fatal Python error: Aborted" in server.output
+    assert "Current thread 0x" in server.output
+    assert re.search(r'File "[^"]*test_worker_recovery\.py", line \d+ in app', server.output)
+
+
+def test_app_slow_in_a_thread_is_not_mistaken_for_a_hung_worker() -> None:
+    """A request that sleeps (releasing the GIL) for longer than the health-check timeout: the
+    event loop keeps answering, and the same worker serves the response and the next one."""
+    args = ("--port", "0", "--workers", "1", "--timeout-worker-healthcheck", "0.5")
+    with CLIServer(APP, *args, "--no-access-log") as server:
+        port = port_of(server.url())
+        pid = int(_get(port, "/sleep?2"))
+        assert int(_get(port)) == pid
+        assert server.stop() == 0
+    assert "WORKER TIMEOUT" not in server.output
