@@ -6,6 +6,10 @@ runs. Application code that holds the GIL (a catastrophic regular expression, a 
 that does not release it) or a loop blocked in a call stops them; application code that is
 merely slow in a pool thread, and releases the GIL while it waits, does not.
 
+``--workers-max-rss`` and ``--workers-lifetime`` are checked every :data:`CHECK_INTERVAL`
+seconds (:func:`recycle_reason`): the resident set size comes from ``/proc/PID/status``
+(``VmRSS``, Linux), the age from the worker's start.
+
 Supervisor's main thread only.
 """
 
@@ -13,12 +17,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import Config
+from .config import Config, MiB
 
-__all__ = ["WorkerState", "heartbeat_interval", "silent_for", "KILL_AFTER_ABORT"]
+__all__ = [
+    "WorkerState",
+    "heartbeat_interval",
+    "silent_for",
+    "rss_bytes",
+    "recycle_reason",
+    "KILL_AFTER_ABORT",
+    "CHECK_INTERVAL",
+]
 
 #: Seconds between SIGABRT to a silent worker and SIGKILL, if it is still alive then.
 KILL_AFTER_ABORT = 2.0
+
+#: Seconds between two checks of ``--workers-max-rss`` and ``--workers-lifetime``.
+CHECK_INTERVAL = 1.0
 
 
 @dataclass
@@ -39,6 +54,8 @@ class WorkerState:
     #: :data:`KILL_AFTER_ABORT` seconds.
     aborted: float = 0.0
     killed: bool = False
+    #: Why it is being replaced (``--workers-max-rss``, ``--workers-lifetime``), once it is.
+    recycling: str = ""
 
     def __post_init__(self) -> None:
         self.last_beat = self.last_beat or self.started
@@ -62,3 +79,40 @@ def silent_for(worker: WorkerState, now: float, timeout: float) -> float:
         return 0.0
     silent = now - worker.last_beat
     return silent if silent > timeout else 0.0
+
+
+def rss_bytes(pid: int) -> int | None:
+    """The resident set size of process ``pid`` in bytes (``VmRSS`` of ``/proc/PID/status``),
+    or None where it cannot be read (the process is gone, not Linux)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1]) * 1024  # in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def recycle_reason(worker: WorkerState, now: float, config: Config) -> str:
+    """Which limit ``worker`` is over, by how much, as a log phrase; "" when none.
+
+    ``--workers-lifetime`` (seconds since the worker started) is checked first, then
+    ``--workers-max-rss`` (MiB, 1 MiB = 1,048,576 bytes). A limit of 0 is no limit.
+    """
+    age = now - worker.started
+    if config.workers_lifetime and age > config.workers_lifetime:
+        over = age - config.workers_lifetime
+        return (
+            f"is over --workers-lifetime {config.workers_lifetime:g} s by {over:.1f} s "
+            f"(age {age:.1f} s)"
+        )
+    if config.workers_max_rss:
+        rss = rss_bytes(worker.pid)
+        if rss is not None and rss > config.workers_max_rss * MiB:
+            over = rss / MiB - config.workers_max_rss
+            return (
+                f"is over --workers-max-rss {config.workers_max_rss} MiB by {over:.1f} MiB "
+                f"(RSS {rss / MiB:.1f} MiB)"
+            )
+    return ""

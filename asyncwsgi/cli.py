@@ -210,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve_parser.error(str(exc))
     try:
         # An explicit --workers (1 included, as gunicorn's -w 1) runs the supervisor.
-        if "workers" in args or config.reload or config.max_requests:
+        recycle = config.max_requests or config.workers_max_rss or config.workers_lifetime
+        if "workers" in args or config.reload or recycle:
             return _supervise(app_spec, config)
         app = load_app(app_spec, app_dir=config.app_dir, factory=config.factory)
     except (AppLoadError, ConfigError) as exc:  # ConfigError: --log-config, --access-logfile

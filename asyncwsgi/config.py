@@ -146,6 +146,20 @@ class Config:
     max_requests_jitter: int = _opt(
         0, "add up to N at random to --max-requests", group="Processes", metavar="N"
     )
+    workers_max_rss: int = _opt(
+        0,
+        "replace a worker whose resident memory exceeds this",
+        group="Processes",
+        metavar="MIB",
+        default_text="0: no limit",
+    )
+    workers_lifetime: float = _opt(
+        0.0,
+        "replace a worker once it has run this long",
+        group="Processes",
+        metavar="SECONDS",
+        default_text="0: forever",
+    )
     reuse_port: bool = _opt(
         False, "each worker binds its own SO_REUSEPORT socket", group="Processes"
     )
@@ -366,6 +380,8 @@ class Config:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
         if self.max_requests < 0 or self.max_requests_jitter < 0:
             raise ConfigError("max_requests and max_requests_jitter must not be negative")
+        if self.workers_max_rss < 0 or self.workers_lifetime < 0:
+            raise ConfigError("workers_max_rss and workers_lifetime must not be negative")
         if self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
         if self.backlog < 1:

@@ -65,7 +65,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .checks import KILL_AFTER_ABORT, WorkerState, heartbeat_interval, silent_for
+from .checks import (
+    CHECK_INTERVAL,
+    KILL_AFTER_ABORT,
+    WorkerState,
+    heartbeat_interval,
+    recycle_reason,
+    silent_for,
+)
 from .config import Config
 from .logs import error_logger, reopen_log_files
 from .reloader import Watcher, forget_bytecode
@@ -96,6 +103,7 @@ _BOOT_BACKOFF_MAX = 4.0
 _SIGNALS = SUPERVISOR_SIGNALS
 
 _WATCHER = -1  # the selector key data of the watcher's pipe (a worker's is its pid)
+_RECYCLED = -1  # the generation of a worker over --workers-max-rss or --workers-lifetime
 
 AppLoader = Callable[[], "WSGIApplication"]
 
@@ -132,6 +140,7 @@ class Supervisor:
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         self._exit_status = 0
+        self._next_check = 0.0  # time.monotonic() of the next --workers-max-rss/-lifetime check
 
     # -- supervisor process ---------------------------------------------------------------------
 
@@ -313,9 +322,12 @@ class Supervisor:
     def _retire(self, worker: WorkerState, signum: int) -> None:
         """Tell ``worker`` to stop, once; it is no longer counted."""
         self._retiring.add(worker.pid)
-        error_logger.info(
-            "Stopping worker (pid: %d) of generation %d", worker.pid, worker.generation
-        )
+        if worker.recycling:
+            error_logger.info("Stopping worker (pid: %d): its replacement accepts", worker.pid)
+        else:
+            error_logger.info(
+                "Stopping worker (pid: %d) of generation %d", worker.pid, worker.generation
+            )
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signum)
 
@@ -408,6 +420,26 @@ class Supervisor:
                 worker.killed = True
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGKILL)
+        if now >= self._next_check:
+            self._next_check = now + CHECK_INTERVAL
+            self._check_limits(now)
+
+    def _check_limits(self, now: float) -> None:
+        """Replace a worker over ``--workers-max-rss`` or ``--workers-lifetime`` the graceful
+        way, as a reload does: it joins an older generation, so that :meth:`_manage` starts its
+        replacement and sends it SIGTERM only once the replacement accepts."""
+        if self._halted or self._stopping:
+            return
+        for worker in self._active():
+            if not worker.ready or worker.recycling:
+                continue
+            reason = recycle_reason(worker, now, self.config)
+            if reason:
+                worker.recycling = reason
+                worker.generation = _RECYCLED
+                error_logger.info(
+                    "Worker (pid: %d) %s; starting its replacement", worker.pid, reason
+                )
 
     def _reap(self) -> None:
         while True:

@@ -26,6 +26,8 @@ DEFAULTS: dict[str, Any] = {
     "workers": 1,
     "max_requests": 0,
     "max_requests_jitter": 0,
+    "workers_max_rss": 0,
+    "workers_lifetime": 0.0,
     "reuse_port": False,
     "reload": False,
     "reload_dir": (),

@@ -24,12 +24,17 @@ DEADLINE = 20.0
 
 # -- the application served by the subprocess --------------------------------------------------
 
+_HELD: list[bytearray] = []
+
 
 def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     """``/``: the serving process's pid. ``/regex``: a catastrophic regular expression, which
-    holds the GIL for hours. ``/sleep?S``: sleeps S seconds (releasing the GIL) first."""
+    holds the GIL for hours. ``/sleep?S``: sleeps S seconds (releasing the GIL) first.
+    ``/alloc``: keeps 100 MiB in a module global, resident (every page written)."""
     path = environ["PATH_INFO"]
-    if path == "/regex":
+    if path == "/alloc":
+        _HELD.append(bytearray(b"x" * 100 * 1024 * 1024))
+    elif path == "/regex":
         re.match(r"(a+)+$", "a" * 40 + "b")
     elif path == "/sleep":
         time.sleep(float(environ["QUERY_STRING"]))
@@ -136,3 +141,81 @@ def test_app_slow_in_a_thread_is_not_mistaken_for_a_hung_worker() -> None:
         assert int(_get(port)) == pid
         assert server.stop() == 0
     assert "WORKER TIMEOUT" not in server.output
+
+
+# -- recycling by memory and age: --workers-max-rss, --workers-lifetime ----------------------------
+
+
+class _Client:
+    """Requests back to back, a new connection each, recording every failure, until stopped."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.answers = 0
+        self.failures: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                _get(self.port)
+                self.answers += 1
+            except Exception as exc:
+                self.failures.append(exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(DEADLINE)
+
+
+def test_workers_lifetime_replaces_workers_without_failing_a_request() -> None:
+    """--workers-lifetime 1: each worker is replaced once it is a second old, replacement first;
+    under a steady client no request fails, and the count of workers stays bounded and comes
+    back to --workers between replacements."""
+    args = ("--port", "0", "--workers", "2", "--workers-lifetime", "1")
+    with CLIServer(APP, *args, "--no-access-log") as server:
+        port = port_of(server.url())
+        client = _Client(port)
+        most = 0
+        try:
+            for _ in range(5):
+                line = server.wait_for(
+                    r"Worker \(pid: \d+\) is over --workers-lifetime 1 s by ([\d.]+) s "
+                    r"\(age ([\d.]+) s\); starting its replacement"
+                )
+                assert float(line.group(2)) > 1
+                most = max(most, len(_children(server.proc.pid)))
+            _converges(server, 2)
+        finally:
+            client.stop()
+        assert server.stop() == 0
+    assert not client.failures, client.failures[:3]
+    assert client.answers > 0
+    assert most <= 2 * 2 + 1, most  # at most a replacement booting and old ones draining
+
+
+def test_workers_max_rss_replaces_the_worker_over_it() -> None:
+    """A worker that holds 100 MiB, with --workers-max-rss 80: that worker is replaced (its
+    replacement first, then SIGTERM), the log names the limit and by how much it is over."""
+    args = ("--port", "0", "--workers", "2", "--workers-max-rss", "80")
+    with CLIServer(APP, *args, "--no-access-log") as server:
+        server.wait_for("Listening at")
+        server.wait_for("Listening at")
+        port = port_of(server.url())
+        big = int(_get(port, "/alloc"))
+        line = server.wait_for(
+            rf"Worker \(pid: {big}\) is over --workers-max-rss 80 MiB by ([\d.]+) MiB "
+            r"\(RSS ([\d.]+) MiB\); starting its replacement"
+        )
+        over, rss = float(line.group(1)), float(line.group(2))
+        assert rss > 100
+        assert over == pytest.approx(rss - 80, abs=0.1)
+        server.wait_for(r"Booting worker with pid: \d+")
+        server.wait_for("Listening at")  # the replacement accepts...
+        server.wait_for(rf"\[{big}\] \[INFO\] Received SIGTERM, shutting down")  # ...then this
+        _converges(server, 2)
+        assert big not in _children(server.proc.pid)
+        assert server.stop() == 0
+    assert server.output.count("is over --workers-max-rss") == 1
