@@ -15,16 +15,23 @@ Supervisor's main thread only.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .config import Config, MiB
+from .logs import error_logger
 
 __all__ = [
     "WorkerState",
     "heartbeat_interval",
     "silent_for",
+    "abort_silent",
     "rss_bytes",
     "recycle_reason",
+    "over_limits",
     "KILL_AFTER_ABORT",
     "CHECK_INTERVAL",
 ]
@@ -61,11 +68,12 @@ class WorkerState:
         self.last_beat = self.last_beat or self.started
 
 
-def heartbeat_interval(config: Config) -> float:
+def heartbeat_interval(config: Config, watchdog: float = 0.0) -> float:
     """Seconds between two heartbeats of a worker: a quarter of
-    ``--timeout-worker-healthcheck``, at most 1 s, at least 10 ms."""
-    timeout = config.timeout_worker_healthcheck
-    return max(0.01, min(1.0, timeout / 4)) if timeout > 0 else 1.0
+    ``--timeout-worker-healthcheck`` and of the systemd ``watchdog`` timeout (seconds; 0: none),
+    at most 1 s, at least 10 ms."""
+    timeouts = [t / 4 for t in (config.timeout_worker_healthcheck, watchdog) if t > 0]
+    return max(0.01, min([1.0, *timeouts]))
 
 
 def silent_for(worker: WorkerState, now: float, timeout: float) -> float:
@@ -79,6 +87,40 @@ def silent_for(worker: WorkerState, now: float, timeout: float) -> float:
         return 0.0
     silent = now - worker.last_beat
     return silent if silent > timeout else 0.0
+
+
+def abort_silent(workers: Iterable[WorkerState], now: float, config: Config) -> list[WorkerState]:
+    """SIGABRT each worker silent for ``--timeout-worker-healthcheck`` seconds (its
+    :mod:`faulthandler` then writes every thread's stack), and SIGKILL each one still alive
+    :data:`KILL_AFTER_ABORT` seconds after its SIGABRT. Returns the workers aborted now, for
+    the supervisor to replace."""
+    timeout = config.timeout_worker_healthcheck
+    aborted = []
+    for worker in workers:
+        silent = silent_for(worker, now, timeout)
+        if silent:
+            # gunicorn's "WORKER TIMEOUT (pid:N)".
+            error_logger.critical(
+                "WORKER TIMEOUT (pid: %d): its event loop has not answered for %.1f s "
+                "(--timeout-worker-healthcheck %g); sending SIGABRT",
+                worker.pid,
+                silent,
+                timeout,
+            )
+            worker.aborted = now
+            aborted.append(worker)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGABRT)
+        elif worker.aborted and not worker.killed and now >= worker.aborted + KILL_AFTER_ABORT:
+            error_logger.error(
+                "Worker (pid: %d) still alive %g s after SIGABRT; sending SIGKILL",
+                worker.pid,
+                KILL_AFTER_ABORT,
+            )
+            worker.killed = True
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGKILL)
+    return aborted
 
 
 def rss_bytes(pid: int) -> int | None:
@@ -116,3 +158,18 @@ def recycle_reason(worker: WorkerState, now: float, config: Config) -> str:
                 f"(RSS {rss / MiB:.1f} MiB)"
             )
     return ""
+
+
+def over_limits(workers: Iterable[WorkerState], now: float, config: Config) -> list[WorkerState]:
+    """The serving workers newly over ``--workers-max-rss`` or ``--workers-lifetime``: each is
+    logged once with the limit and by how much, and its :attr:`WorkerState.recycling` set."""
+    over = []
+    for worker in workers:
+        if not worker.ready or worker.recycling:
+            continue
+        reason = recycle_reason(worker, now, config)
+        if reason:
+            worker.recycling = reason
+            over.append(worker)
+            error_logger.info("Worker (pid: %d) %s; starting its replacement", worker.pid, reason)
+    return over

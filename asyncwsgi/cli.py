@@ -220,9 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         return _listen_error(config, exc)
     from .server import run
+    from .systemd import notify_single_process
 
     try:
-        run(app, config=config)
+        run(app, config=config, on_started=notify_single_process)
     except ConfigError as exc:  # found on start: a TLS file, the log config
         print(f"Error: {exc}", file=sys.stderr)
         return 1

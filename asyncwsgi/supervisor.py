@@ -15,7 +15,18 @@ its own), the number of serving workers converges to ``--workers``.
 
 Each worker keeps a pipe to the supervisor: it writes ``R`` once it accepts connections, ``M``
 when ``--max-requests`` is reached and it stops accepting (its replacement starts at once), and
-the error that stopped it from booting. The worker's side of this is :mod:`asyncwsgi.worker`.
+the error that stopped it from booting, and ``H``, a heartbeat, from a timer of its event loop.
+The worker's side of this is :mod:`asyncwsgi.worker`; the checks are :mod:`asyncwsgi.checks`:
+
+- a worker whose loop has not answered for ``--timeout-worker-healthcheck`` seconds gets
+  SIGABRT (its faulthandler writes every thread's stack), SIGKILL 2 s later if still alive, and
+  is replaced at once, as gunicorn's "WORKER TIMEOUT";
+- a worker over ``--workers-max-rss`` or ``--workers-lifetime`` (checked every second) joins an
+  older generation: it is replaced as in a reload, its replacement first.
+
+Under systemd (``$NOTIFY_SOCKET``) the supervisor, not the workers, sends ``READY=1`` once the
+newest generation serves in full, ``RELOADING=1`` on each new generation, ``STOPPING=1``, and
+``WATCHDOG=1`` while a worker's heartbeat is fresh (:mod:`asyncwsgi.systemd`).
 
 Signals, as gunicorn's arbiter, except that SIGINT is graceful the first time:
 
@@ -65,13 +76,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from . import systemd
 from .checks import (
     CHECK_INTERVAL,
     KILL_AFTER_ABORT,
     WorkerState,
+    abort_silent,
     heartbeat_interval,
-    recycle_reason,
-    silent_for,
+    over_limits,
 )
 from .config import Config
 from .logs import error_logger, reopen_log_files
@@ -141,6 +153,9 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe()
         self._exit_status = 0
         self._next_check = 0.0  # time.monotonic() of the next --workers-max-rss/-lifetime check
+        self._announce = True  # sd_notify READY=1 once the newest generation serves in full
+        self._watchdog = systemd.watchdog_interval()  # seconds between WATCHDOG=1; 0: off
+        self._next_ping = 0.0
 
     # -- supervisor process ---------------------------------------------------------------------
 
@@ -174,6 +189,7 @@ class Supervisor:
                 self._start_watcher()
             while not self._stopping:
                 self._tick(self._next_timeout())
+            systemd.notify("STOPPING=1")
             self._stop_workers()
         finally:
             self._watcher.stop()
@@ -195,7 +211,7 @@ class Supervisor:
 
     def _next_timeout(self) -> float:
         now = time.monotonic()
-        deadlines = [self._spawn_after]
+        deadlines = [self._spawn_after, self._next_ping]
         deadlines += [w.aborted + KILL_AFTER_ABORT for w in self.workers.values() if w.aborted]
         return min([1.0, *(d - now for d in deadlines if d > now)])
 
@@ -226,12 +242,36 @@ class Supervisor:
             for path in changed:
                 forget_bytecode(path)
         self._manage()
+        self._notify()
         if self._reopen_logs:
             self._reopen_logs = False
             error_logger.info("Received SIGUSR1, reopening %d log file(s)", reopen_log_files())
             for pid in self.workers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGUSR1)
+
+    def _notify(self) -> None:
+        """sd_notify (:mod:`asyncwsgi.systemd`): ``READY=1`` once ``--workers`` workers of the
+        newest generation accept and no older one is left; ``WATCHDOG=1`` every half of
+        ``$WATCHDOG_USEC`` while at least one worker's heartbeat is fresh (no older than
+        ``$WATCHDOG_USEC``). One hung worker is the supervisor's to replace; all of them silent,
+        or the supervisor's own loop stuck, is systemd's to restart the service."""
+        if self._stopping:
+            return
+        now = time.monotonic()
+        active = self._active()
+        if (
+            self._announce
+            and len(active) == self._target
+            and all(w.ready and w.generation == self._generation for w in active)
+        ):
+            self._announce = False
+            systemd.notify("READY=1")
+        if self._watchdog and now >= self._next_ping:
+            fresh = 2 * self._watchdog
+            if any(w.ready and now - w.last_beat <= fresh for w in active):
+                systemd.notify("WATCHDOG=1")
+                self._next_ping = now + self._watchdog
 
     def _start_watcher(self) -> None:
         """``--reload``: fork the file watcher; its changes arrive on a pipe (see :meth:`_tick`)."""
@@ -279,6 +319,8 @@ class Supervisor:
         nothing yet), so that it never serves outdated code.
         """
         self._generation += 1
+        systemd.notify(*systemd.reloading())
+        self._announce = True
         self._boot_failures = 0
         self._spawn_after = 0.0
         self._halted = False
@@ -345,7 +387,7 @@ class Supervisor:
                     self._sockets,
                     ready_w,
                     self._close_inherited,
-                    heartbeat_interval(self.config),
+                    heartbeat_interval(self.config, 2 * self._watchdog),
                 )
             )
         os.close(ready_w)
@@ -390,56 +432,17 @@ class Supervisor:
                 )
 
     def _check_workers(self) -> None:
-        """Abort a worker whose event loop has not answered for ``--timeout-worker-healthcheck``
-        seconds (SIGABRT: :mod:`faulthandler` writes its threads' stacks), SIGKILL it
-        :data:`KILL_AFTER_ABORT` seconds later if it is still alive; its replacement starts at
-        once."""
+        """Abort the workers whose event loop is silent (they are replaced at once), and mark
+        those over ``--workers-max-rss`` or ``--workers-lifetime`` as of an older generation:
+        :meth:`_manage` then starts a replacement first, as in a reload, and sends SIGTERM
+        only once it accepts."""
         now = time.monotonic()
-        timeout = self.config.timeout_worker_healthcheck
-        for worker in self.workers.values():
-            silent = silent_for(worker, now, timeout)
-            if silent:
-                # gunicorn's "WORKER TIMEOUT (pid:N)".
-                error_logger.critical(
-                    "WORKER TIMEOUT (pid: %d): its event loop has not answered for %.1f s "
-                    "(--timeout-worker-healthcheck %g); sending SIGABRT",
-                    worker.pid,
-                    silent,
-                    timeout,
-                )
-                worker.aborted = now
-                self._retiring.add(worker.pid)  # not counted: replaced now
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.pid, signal.SIGABRT)
-            elif worker.aborted and not worker.killed and now >= worker.aborted + KILL_AFTER_ABORT:
-                error_logger.error(
-                    "Worker (pid: %d) still alive %g s after SIGABRT; sending SIGKILL",
-                    worker.pid,
-                    KILL_AFTER_ABORT,
-                )
-                worker.killed = True
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.pid, signal.SIGKILL)
-        if now >= self._next_check:
+        for worker in abort_silent(self.workers.values(), now, self.config):
+            self._retiring.add(worker.pid)  # not counted: replaced now
+        if now >= self._next_check and not (self._halted or self._stopping):
             self._next_check = now + CHECK_INTERVAL
-            self._check_limits(now)
-
-    def _check_limits(self, now: float) -> None:
-        """Replace a worker over ``--workers-max-rss`` or ``--workers-lifetime`` the graceful
-        way, as a reload does: it joins an older generation, so that :meth:`_manage` starts its
-        replacement and sends it SIGTERM only once the replacement accepts."""
-        if self._halted or self._stopping:
-            return
-        for worker in self._active():
-            if not worker.ready or worker.recycling:
-                continue
-            reason = recycle_reason(worker, now, self.config)
-            if reason:
-                worker.recycling = reason
+            for worker in over_limits(self._active(), now, self.config):
                 worker.generation = _RECYCLED
-                error_logger.info(
-                    "Worker (pid: %d) %s; starting its replacement", worker.pid, reason
-                )
 
     def _reap(self) -> None:
         while True:

@@ -29,6 +29,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from . import systemd
 from .config import Config
 
 if TYPE_CHECKING:
@@ -149,6 +150,7 @@ class _Worker:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISOR_SIGNALS)
         close_inherited()
+        systemd.forget()  # only the supervisor notifies systemd
         with contextlib.suppress(AttributeError, ValueError, OSError):  # stderr without a fd
             faulthandler.enable(file=sys.stderr, all_threads=True)
         try:

@@ -185,7 +185,7 @@ def test_workers_lifetime_replaces_workers_without_failing_a_request() -> None:
                     r"Worker \(pid: \d+\) is over --workers-lifetime 1 s by ([\d.]+) s "
                     r"\(age ([\d.]+) s\); starting its replacement"
                 )
-                assert float(line.group(2)) > 1
+                assert float(line.group(2)) >= 1  # one decimal: 1.04 s is "1.0"
                 most = max(most, len(_children(server.proc.pid)))
             _converges(server, 2)
         finally:
