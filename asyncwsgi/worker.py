@@ -169,6 +169,9 @@ class _Worker:
 
         def started(server: Server) -> None:
             self.booted = True
+            # From now on a message is dropped rather than block the loop on a full pipe (a
+            # supervisor that does not read: stopped, or busy stopping its workers).
+            os.set_blocking(self.pipe, False)
             server.on_max_requests = lambda: self.report(MAX_REQUESTS)
             self.report(READY)
             if server.should_exit.is_set():
@@ -186,7 +189,7 @@ class _Worker:
         return 0
 
     def report(self, message: bytes) -> None:
-        """Write ``message`` to the supervisor; nothing if it is gone."""
+        """Write ``message`` to the supervisor; nothing if it is gone or its pipe is full."""
         with contextlib.suppress(OSError):
             os.write(self.pipe, message)
 
