@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from asyncwsgi.cli import build_parser
+
 from .test_cli import CLIServer, http_client, port_of
 from .test_supervisor import _children
 
@@ -96,6 +98,12 @@ def _converges(server: CLIServer, count: int) -> None:
         assert time.monotonic() < deadline, server.output
         with pytest.raises(subprocess.TimeoutExpired):
             server.proc.wait(0.1)  # the supervisor must still run
+
+
+def test_timeout_is_gunicorns_spelling_of_the_health_check_timeout() -> None:
+    parse = build_parser().parse_args
+    assert parse(["serve", "a:b", "--timeout", "5"]).timeout_worker_healthcheck == 5
+    assert parse(["serve", "a:b", "--timeout-keep-alive", "7"]).timeout_keep_alive == 7
 
 
 def test_worker_holding_the_gil_is_aborted_with_its_stacks_and_replaced() -> None:
