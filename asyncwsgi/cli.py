@@ -159,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         serve_parser.error(str(exc))
     try:
-        if config.reload or config.workers > 1 or config.max_requests:
+        # An explicit --workers (1 included, as gunicorn's -w 1) runs the supervisor.
+        recycle = config.max_requests or config.workers_max_rss or config.workers_lifetime
+        if "workers" in args or config.reload or recycle:
             return _supervise(app_spec, config)
         app = load_app(app_spec, app_dir=config.app_dir, factory=config.factory)
     except (AppLoadError, ConfigError) as exc:  # ConfigError: --log-config, --access-logfile
@@ -168,9 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         return _listen_error(config, exc)
     from .server import run
+    from .systemd import notify_single_process
 
     try:
-        run(app, config=config)
+        run(app, config=config, on_started=notify_single_process)
     except ConfigError as exc:  # found on start: a TLS file, the log config
         print(f"Error: {exc}", file=sys.stderr)
         return 1

@@ -133,11 +133,11 @@ class Config:
     loop: LoopName = _opt("auto", "event loop", group="Processes")
     workers: int = _opt(
         1,
-        "worker processes",
+        "worker processes under a supervisor",
         "-w",
         group="Processes",
         metavar="N",
-        default_text="1, or $WEB_CONCURRENCY",
+        default_text="$WEB_CONCURRENCY, else none",
     )
     max_requests: int = _opt(
         0,
@@ -149,6 +149,20 @@ class Config:
     )
     max_requests_jitter: int = _opt(
         0, "add up to N at random to --max-requests", group="Processes", metavar="N"
+    )
+    workers_max_rss: int = _opt(
+        0,
+        "replace a worker whose resident memory exceeds this",
+        group="Processes",
+        metavar="MIB",
+        default_text="0: no limit",
+    )
+    workers_lifetime: float = _opt(
+        0.0,
+        "replace a worker once it has run this long",
+        group="Processes",
+        metavar="SECONDS",
+        default_text="0: forever",
     )
     reuse_port: bool = _opt(
         False, "each worker binds its own SO_REUSEPORT socket", group="Processes"
@@ -229,6 +243,14 @@ class Config:
         "--graceful-timeout",
         group="Threads and timeouts",
         metavar="SECONDS",
+    )
+    timeout_worker_healthcheck: float = _opt(
+        30.0,
+        "abort a worker whose event loop is silent this long",
+        "--timeout",
+        group="Processes",
+        metavar="SECONDS",
+        default_text="30; 0: off",
     )
 
     # -- limits (gunicorn's names; 0 is no limit, as in gunicorn) ------------------------------
@@ -365,6 +387,8 @@ class Config:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
         if self.max_requests < 0 or self.max_requests_jitter < 0:
             raise ConfigError("max_requests and max_requests_jitter must not be negative")
+        if self.workers_max_rss < 0 or self.workers_lifetime < 0:
+            raise ConfigError("workers_max_rss and workers_lifetime must not be negative")
         if self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
         if self.backlog < 1:
@@ -384,6 +408,7 @@ class Config:
             "timeout_queue",
             "timeout_linger",
             "timeout_graceful_shutdown",
+            "timeout_worker_healthcheck",
             "limit_request_line",
             "limit_request_fields",
             "limit_request_field_size",

@@ -15,7 +15,18 @@ its own), the number of serving workers converges to ``--workers``.
 
 Each worker keeps a pipe to the supervisor: it writes ``R`` once it accepts connections, ``M``
 when ``--max-requests`` is reached and it stops accepting (its replacement starts at once), and
-the error that stopped it from booting.
+the error that stopped it from booting, and ``H``, a heartbeat, from a timer of its event loop.
+The worker's side of this is :mod:`asyncwsgi.worker`; the checks are :mod:`asyncwsgi.checks`:
+
+- a worker whose loop has not answered for ``--timeout-worker-healthcheck`` seconds gets
+  SIGABRT (its faulthandler writes every thread's stack), SIGKILL 2 s later if still alive, and
+  is replaced at once, as gunicorn's "WORKER TIMEOUT";
+- a worker over ``--workers-max-rss`` or ``--workers-lifetime`` (checked every second) joins an
+  older generation: it is replaced as in a reload, its replacement first.
+
+Under systemd (``$NOTIFY_SOCKET``) the supervisor, not the workers, sends ``READY=1`` once the
+newest generation serves in full, ``RELOADING=1`` on each new generation, ``STOPPING=1``, and
+``WATCHDOG=1`` while a worker's heartbeat is fresh (:mod:`asyncwsgi.systemd`).
 
 Signals, as gunicorn's arbiter, except that SIGINT is graceful the first time:
 
@@ -36,12 +47,12 @@ failed to boot", unless workers of an older generation still serve: then the rel
 abandoned, they keep serving, and the next SIGHUP tries again.
 
 ``--reload`` is the same machinery with one worker and a file watcher (watchfiles, in a process
-of its own):
-every change starts a new generation, so a change during a reload is never lost, and a worker
-still booting an outdated version is stopped before it can serve it. The supervisor keeps the
-listening socket, so a browser never sees a refused connection. A worker that cannot boot the
-changed application shows the error once, is retried once after 0.25 s (a file still being
-written), and the old worker keeps serving until the next change.
+of its own, :mod:`asyncwsgi.reloader`): every change starts a new generation, so a change during
+a reload is never lost, and a worker still booting an outdated version is stopped before it can
+serve it. The supervisor keeps the listening socket, so a browser never sees a refused
+connection. A worker that cannot boot the changed application shows the error once, is retried
+once after 0.25 s (a file still being written), and the old worker keeps serving until the next
+change.
 
 A signal sent to the whole process group (systemd's ``KillMode=control-group``, Ctrl-C in a
 terminal) reaches each worker directly as well as forwarded, which is why a worker takes a
@@ -56,29 +67,41 @@ Main thread of the supervisor process only; Unix only (``os.fork``).
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import os
 import selectors
 import signal
 import socket
 import sys
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from . import systemd
+from .checks import (
+    CHECK_INTERVAL,
+    KILL_AFTER_ABORT,
+    WorkerState,
+    abort_silent,
+    heartbeat_interval,
+    over_limits,
+)
 from .config import Config
 from .logs import error_logger, reopen_log_files
+from .reloader import Watcher, forget_bytecode
+from .worker import (
+    APP_LOAD_ERROR,
+    BOOT_ERROR,
+    MAX_REQUESTS,
+    READY,
+    SUPERVISOR_SIGNALS,
+    fork,
+    run_worker,
+)
 
 if TYPE_CHECKING:
     from ._types import WSGIApplication
-    from .server import Server
 
 __all__ = ["Supervisor", "APP_LOAD_ERROR", "BOOT_TRIES"]
-
-#: Exit status of a worker (and of the supervisor) when the application cannot be imported.
-APP_LOAD_ERROR = 3
 
 #: Failed boots in a row after which the supervisor gives up (2 with ``--reload``: one retry).
 BOOT_TRIES = 5
@@ -87,40 +110,14 @@ _RELOAD_BOOT_TRIES = 2
 #: ``_BOOT_BACKOFF_MAX``.
 _BOOT_BACKOFF = 0.25
 _BOOT_BACKOFF_MAX = 4.0
-#: ``--reload``: milliseconds without a further change after which a burst of changes is one
-#: reload (watchfiles' ``step``).
-_RELOAD_SETTLE_MS = 100
-
-# Messages on a worker's pipe to the supervisor.
-_READY = b"R"  # accepting connections
-_MAX_REQUESTS = b"M"  # --max-requests reached: no longer accepting, draining
-_BOOT_ERROR = b"E"  # followed by the error text, up to EOF
 
 # The signals the supervisor handles (see the module docstring).
-_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGHUP,
-    signal.SIGUSR1,
-    signal.SIGCHLD,
-)
+_SIGNALS = SUPERVISOR_SIGNALS
 
 _WATCHER = -1  # the selector key data of the watcher's pipe (a worker's is its pid)
+_RECYCLED = -1  # the generation of a worker over --workers-max-rss or --workers-lifetime
 
 AppLoader = Callable[[], "WSGIApplication"]
-
-
-@dataclass
-class _Worker:
-    pid: int
-    generation: int
-    #: Read end of the worker's pipe (non-blocking); -1 once the worker closed it.
-    ready_fd: int
-    started: float
-    ready: bool = False
-    #: What the worker wrote after ``E``: why it could not boot.
-    boot_error: bytearray = field(default_factory=bytearray)
 
 
 class Supervisor:
@@ -135,7 +132,7 @@ class Supervisor:
     def __init__(self, load_app: AppLoader, config: Config) -> None:
         self.load_app = load_app
         self.config = config
-        self.workers: dict[int, _Worker] = {}
+        self.workers: dict[int, WorkerState] = {}
         self._sockets: list[socket.socket] = []
         self._stopping = False
         self._interrupted = False  # a SIGINT came: a second one means "now"
@@ -150,13 +147,15 @@ class Supervisor:
         self._last_boot_error = b""  # shown once, not again for each retry
         self._spawn_after = 0.0  # no new worker before this time.monotonic() (backoff)
         self._halted = False  # gave up booting: no new worker until the next reload request
-        self._watcher: tuple[int, int] | None = None  # --reload: the watcher's pid, its pipe
-        self._watch_buffer = b""
+        self._watcher = Watcher(config)  # --reload
         self._changes: list[str] = []  # --reload: changed paths not yet acted on
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         self._exit_status = 0
-        self._booted = False  # in a worker process: whether it reported ready
+        self._next_check = 0.0  # time.monotonic() of the next --workers-max-rss/-lifetime check
+        self._announce = True  # sd_notify READY=1 once the newest generation serves in full
+        self._watchdog = systemd.watchdog_interval()  # seconds between WATCHDOG=1; 0: off
+        self._next_ping = 0.0
 
     # -- supervisor process ---------------------------------------------------------------------
 
@@ -179,7 +178,7 @@ class Supervisor:
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         if config.reload:
             error_logger.info(
-                "Will watch for changes in these directories: %s", list(self._watch_dirs())
+                "Will watch for changes in these directories: %s", self._watcher.dirs()
             )
         else:
             error_logger.info(
@@ -190,9 +189,10 @@ class Supervisor:
                 self._start_watcher()
             while not self._stopping:
                 self._tick(self._next_timeout())
+            systemd.notify("STOPPING=1")
             self._stop_workers()
         finally:
-            self._stop_watcher()
+            self._watcher.stop()
             signal.set_wakeup_fd(-1)
             for signum in _SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
@@ -210,8 +210,10 @@ class Supervisor:
         return 1 if self.config.reload else self.config.workers
 
     def _next_timeout(self) -> float:
-        wait = self._spawn_after - time.monotonic()
-        return min(1.0, wait) if wait > 0 else 1.0
+        now = time.monotonic()
+        deadlines = [self._spawn_after, self._next_ping]
+        deadlines += [w.aborted + KILL_AFTER_ABORT for w in self.workers.values() if w.aborted]
+        return min([1.0, *(d - now for d in deadlines if d > now)])
 
     def _tick(self, timeout: float) -> None:
         """Handle wake-ups and worker messages for up to ``timeout`` s, reap, manage workers."""
@@ -224,6 +226,7 @@ class Supervisor:
                 worker = self.workers.get(key.data)
                 if worker is not None:
                     self._read_messages(worker)
+        self._check_workers()
         self._reap()
         changed, self._changes = self._changes, []
         if changed:
@@ -237,8 +240,9 @@ class Supervisor:
             self._reload_requested = False
             self._new_generation()
             for path in changed:
-                _forget_bytecode(path)
+                forget_bytecode(path)
         self._manage()
+        self._notify()
         if self._reopen_logs:
             self._reopen_logs = False
             error_logger.info("Received SIGUSR1, reopening %d log file(s)", reopen_log_files())
@@ -246,67 +250,45 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGUSR1)
 
-    def _watch_dirs(self) -> list[str]:
-        return [os.path.abspath(d) for d in (self.config.reload_dir or (".",))]
+    def _notify(self) -> None:
+        """sd_notify (:mod:`asyncwsgi.systemd`): ``READY=1`` once ``--workers`` workers of the
+        newest generation accept and no older one is left; ``WATCHDOG=1`` every half of
+        ``$WATCHDOG_USEC`` while at least one worker's heartbeat is fresh (no older than
+        ``$WATCHDOG_USEC``). One hung worker is the supervisor's to replace; all of them silent,
+        or the supervisor's own loop stuck, is systemd's to restart the service."""
+        if self._stopping:
+            return
+        now = time.monotonic()
+        active = self._active()
+        if (
+            self._announce
+            and len(active) == self._target
+            and all(w.ready and w.generation == self._generation for w in active)
+        ):
+            self._announce = False
+            systemd.notify("READY=1")
+        if self._watchdog and now >= self._next_ping:
+            fresh = 2 * self._watchdog
+            if any(w.ready and now - w.last_beat <= fresh for w in active):
+                systemd.notify("WATCHDOG=1")
+                self._next_ping = now + self._watchdog
 
     def _start_watcher(self) -> None:
-        """``--reload``: fork the file watcher (watchfiles); return once it watches, so that no
-        change made after this is missed. Its changes arrive on a pipe (see :meth:`_tick`)."""
-        changes_r, changes_w = os.pipe()
-        pid = _fork()
-        if pid == 0:
-            status = 1
-            try:
-                os.close(changes_r)
-                self._close_inherited()
-                for sock in self._sockets:
-                    sock.close()
-                signal.set_wakeup_fd(-1)
-                for signum in _SIGNALS:  # SIGTERM from the supervisor stops it
-                    signal.signal(signum, signal.SIG_DFL)
-                for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1):
-                    signal.signal(signum, signal.SIG_IGN)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-                status = _watch_files(self._watch_dirs(), _ReloadFilter(self.config), changes_w)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(status)
-        os.close(changes_w)
-        self._watcher = (pid, changes_r)
-        if os.read(changes_r, 1) != b"\0":  # blocks until it watches
-            raise RuntimeError("the file watcher could not start")
-        os.set_blocking(changes_r, False)
-        self._selector.register(changes_r, selectors.EVENT_READ, _WATCHER)
+        """``--reload``: fork the file watcher; its changes arrive on a pipe (see :meth:`_tick`)."""
+
+        def in_child() -> None:
+            self._close_inherited()
+            for sock in self._sockets:
+                sock.close()
+
+        self._watcher.start(in_child, _SIGNALS)
+        self._selector.register(self._watcher.fd, selectors.EVENT_READ, _WATCHER)
 
     def _read_changes(self) -> None:
-        """Collect the changed paths the watcher wrote (each followed by a NUL byte)."""
-        assert self._watcher is not None
-        fd = self._watcher[1]
-        while True:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                break
-            if not data:
-                error_logger.error("The file watcher stopped; changes are no longer detected")
-                self._selector.unregister(fd)
-                break
-            self._watch_buffer += data
-        *paths, rest = self._watch_buffer.split(b"\0")
-        self._watch_buffer = rest
-        self._changes.extend(os.fsdecode(path) for path in paths if path)
-
-    def _stop_watcher(self) -> None:
-        if self._watcher is None:
-            return
-        pid, fd = self._watcher
-        self._watcher = None
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        os.close(fd)
+        paths, alive = self._watcher.read()
+        self._changes.extend(paths)
+        if not alive:
+            self._selector.unregister(self._watcher.fd)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         # Runs between bytecodes of the main thread; keep it to flag setting.
@@ -337,6 +319,8 @@ class Supervisor:
         nothing yet), so that it never serves outdated code.
         """
         self._generation += 1
+        systemd.notify(*systemd.reloading())
+        self._announce = True
         self._boot_failures = 0
         self._spawn_after = 0.0
         self._halted = False
@@ -348,7 +332,7 @@ class Supervisor:
             if not worker.ready:
                 self._retire(worker, signal.SIGKILL)
 
-    def _active(self) -> list[_Worker]:
+    def _active(self) -> list[WorkerState]:
         """The workers not told to stop, oldest first."""
         return [w for pid, w in self.workers.items() if pid not in self._retiring]
 
@@ -377,40 +361,44 @@ class Supervisor:
         for _ in range(missing):
             self._spawn()
 
-    def _retire(self, worker: _Worker, signum: int) -> None:
+    def _retire(self, worker: WorkerState, signum: int) -> None:
         """Tell ``worker`` to stop, once; it is no longer counted."""
         self._retiring.add(worker.pid)
-        error_logger.info(
-            "Stopping worker (pid: %d) of generation %d", worker.pid, worker.generation
-        )
+        if worker.recycling:
+            error_logger.info("Stopping worker (pid: %d): its replacement accepts", worker.pid)
+        else:
+            error_logger.info(
+                "Stopping worker (pid: %d) of generation %d", worker.pid, worker.generation
+            )
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signum)
 
     # -- worker processes -----------------------------------------------------------------------
 
-    def _spawn(self) -> _Worker:
+    def _spawn(self) -> WorkerState:
         ready_r, ready_w = os.pipe()
-        pid = _fork()
+        pid = fork()
         if pid == 0:  # the worker
             os.close(ready_r)
-            status = 1
-            try:
-                status = self._worker_main(ready_w)
-            except BaseException:
-                self._report_boot_error(ready_w, traceback.format_exc())
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(status)
+            os._exit(
+                run_worker(
+                    self.load_app,
+                    self.config,
+                    self._sockets,
+                    ready_w,
+                    self._close_inherited,
+                    heartbeat_interval(self.config, 2 * self._watchdog),
+                )
+            )
         os.close(ready_w)
         os.set_blocking(ready_r, False)
-        worker = _Worker(pid, self._generation, ready_r, time.monotonic())
+        worker = WorkerState(pid, self._generation, ready_r, time.monotonic())
         self.workers[pid] = worker
         self._selector.register(ready_r, selectors.EVENT_READ, pid)
         error_logger.info("Booting worker with pid: %d", pid)
         return worker
 
-    def _read_messages(self, worker: _Worker) -> None:
+    def _read_messages(self, worker: WorkerState) -> None:
         """Read what ``worker`` wrote on its pipe so far; close the pipe at EOF."""
         fd = worker.ready_fd
         while fd >= 0:
@@ -425,22 +413,36 @@ class Supervisor:
                 os.close(fd)
                 worker.ready_fd = -1
                 return
+            worker.last_beat = time.monotonic()
             if worker.boot_error:
                 worker.boot_error += data
                 continue
-            codes, error, text = data.partition(_BOOT_ERROR)
+            codes, error, text = data.partition(BOOT_ERROR)
             if error:
                 worker.boot_error += error + text
-            if _READY in codes and not worker.ready:
+            if READY in codes and not worker.ready:
                 worker.ready = True
                 self._boot_failures = 0
                 self._last_boot_error = b""
-            if _MAX_REQUESTS in codes and worker.pid not in self._retiring:
+            if MAX_REQUESTS in codes and worker.pid not in self._retiring:
                 # It stops accepting now and exits once its requests are done.
                 self._retiring.add(worker.pid)
                 error_logger.info(
                     "Worker (pid: %d) reached --max-requests; starting a new one", worker.pid
                 )
+
+    def _check_workers(self) -> None:
+        """Abort the workers whose event loop is silent (they are replaced at once), and mark
+        those over ``--workers-max-rss`` or ``--workers-lifetime`` as of an older generation:
+        :meth:`_manage` then starts a replacement first, as in a reload, and sends SIGTERM
+        only once it accepts."""
+        now = time.monotonic()
+        for worker in abort_silent(self.workers.values(), now, self.config):
+            self._retiring.add(worker.pid)  # not counted: replaced now
+        if now >= self._next_check and not (self._halted or self._stopping):
+            self._next_check = now + CHECK_INTERVAL
+            for worker in over_limits(self._active(), now, self.config):
+                worker.generation = _RECYCLED
 
     def _reap(self) -> None:
         while True:
@@ -461,6 +463,8 @@ class Supervisor:
             code = os.waitstatus_to_exitcode(status)
             if pid in self._retiring:
                 self._retiring.discard(pid)
+                if worker.aborted:
+                    error_logger.warning("Worker (pid: %d) ended by %s", pid, _describe(code))
                 continue
             if self._stopping:
                 continue
@@ -480,9 +484,9 @@ class Supervisor:
                     "Worker (pid: %d) died with %s; %s", pid, _describe(code), then
                 )
 
-    def _boot_failed(self, worker: _Worker, code: int) -> None:
+    def _boot_failed(self, worker: WorkerState, code: int) -> None:
         """``worker`` exited before it accepted connections: retry later, or give up."""
-        text = bytes(worker.boot_error[len(_BOOT_ERROR) :])
+        text = bytes(worker.boot_error[len(BOOT_ERROR) :])
         if text and text != self._last_boot_error:
             sys.stderr.write(text.decode("utf-8", "replace"))
             sys.stderr.flush()
@@ -535,6 +539,17 @@ class Supervisor:
             self._stopping = True
             self._signal_name = ""
 
+    def _close_inherited(self) -> None:
+        """In a child process: close the supervisor's own descriptors."""
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self._watcher.fd >= 0:
+            os.close(self._watcher.fd)
+        for worker in self.workers.values():
+            if worker.ready_fd >= 0:
+                os.close(worker.ready_fd)
+
     def _stop_workers(self) -> None:
         """Stop every worker: SIGTERM, and SIGKILL after ``--timeout-graceful-shutdown`` + 5 s.
 
@@ -570,186 +585,6 @@ class Supervisor:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
             self.workers.pop(pid, None)
-
-    # -- worker process -------------------------------------------------------------------------
-
-    def _worker_main(self, ready_fd: int) -> int:
-        """The worker process after fork: import the app, serve, report ready on ``ready_fd``.
-
-        Signals come blocked from :func:`_fork`. Those that :func:`asyncwsgi.server.run`
-        handles are kept by a :class:`_BootSignals` until its handlers are installed, so a
-        signal that arrives while the application is imported is acted on once the worker is
-        up; SIGHUP is the supervisor's alone.
-        """
-        signal.set_wakeup_fd(-1)
-        boot_signals = _BootSignals()
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-        self._close_inherited()
-        try:
-            app = self.load_app()
-        except Exception as exc:
-            from .importer import AppLoadError
-
-            if isinstance(exc, AppLoadError):
-                self._report_boot_error(ready_fd, f"Error: {exc}\n")
-            else:
-                self._report_boot_error(ready_fd, traceback.format_exc())
-            return APP_LOAD_ERROR
-        from .server import run
-
-        boot_signals.hand_over()
-
-        def report(message: bytes) -> None:
-            with contextlib.suppress(OSError):
-                os.write(ready_fd, message)
-
-        def started(server: Server) -> None:
-            self._booted = True
-            server.on_max_requests = lambda: report(_MAX_REQUESTS)
-            report(_READY)
-            if server.should_exit.is_set():
-                report(_MAX_REQUESTS)
-
-        sockets = self._sockets or None
-        run(app, config=self.config, sockets=sockets, configure_logs=False, on_started=started)
-        return 0
-
-    def _close_inherited(self) -> None:
-        """In a child process: close the supervisor's own descriptors."""
-        self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        if self._watcher is not None:
-            os.close(self._watcher[1])
-        for worker in self.workers.values():
-            if worker.ready_fd >= 0:
-                os.close(worker.ready_fd)
-
-    def _report_boot_error(self, ready_fd: int, text: str) -> None:
-        """In a worker: hand why it could not boot to the supervisor, which shows it once per
-        failure streak; after the boot, print it."""
-        if self._booted:
-            sys.stderr.write(text)
-            return
-        data = _BOOT_ERROR + text.encode("utf-8", "replace")
-        with contextlib.suppress(OSError):
-            while data:
-                data = data[os.write(ready_fd, data) :]
-
-
-def _fork() -> int:
-    """``os.fork()`` with the supervisor's signals blocked across it.
-
-    The parent unblocks them at once. The child starts with them blocked, so that none reaches
-    the supervisor's handlers in the child; it unblocks them once its own are installed
-    (:meth:`Supervisor._worker_main`).
-
-    Raises:
-        OSError: the fork failed (no memory, process limit).
-    """
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-    pid = -1
-    try:
-        pid = os.fork()
-    finally:
-        if pid != 0:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-    return pid
-
-
-class _BootSignals:
-    """The signals a worker receives while it boots, kept for its event loop.
-
-    Installed as the handler of :data:`asyncwsgi.server.HANDLED_SIGNALS` in a new worker, it
-    records them while the application is imported. :meth:`hand_over` then blocks these signals
-    and raises the recorded ones again, so that they are pending when
-    :func:`asyncwsgi.server.run` has installed its handlers and unblocks them. Two SIGINTs
-    become one SIGQUIT, which the loop takes for the same "stop now" (the kernel keeps one
-    pending signal of each kind). Main thread of the worker.
-    """
-
-    def __init__(self) -> None:
-        from .server import HANDLED_SIGNALS
-
-        self.signals = HANDLED_SIGNALS
-        self.received: list[int] = []
-        self.handed_over = False
-        for signum in self.signals:
-            signal.signal(signum, self)
-
-    def __call__(self, signum: int, frame: object) -> None:
-        if self.handed_over:
-            signal.raise_signal(signum)  # blocked in this thread: pending until run() unblocks
-        else:
-            self.received.append(signum)
-
-    def hand_over(self) -> None:
-        """Block the signals and make the ones received so far pending again (main thread)."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
-        self.handed_over = True
-        received = set(self.received)
-        if self.received.count(signal.SIGINT) > 1:
-            received.add(signal.SIGQUIT)
-        for signum in received:
-            signal.raise_signal(signum)
-
-
-class _ReloadFilter:
-    """Which changed paths restart the server: ``--reload-include``/``--reload-exclude`` globs."""
-
-    def __init__(self, config: Config) -> None:
-        self.include = config.reload_include or ("*.py",)
-        self.exclude = config.reload_exclude or (".*", "*.py[cod]", "*~", "__pycache__")
-
-    def __call__(self, change: object, path: str) -> bool:
-        parts = path.split(os.sep)
-        name = parts[-1]
-        if any(fnmatch.fnmatch(part, pattern) for part in parts for pattern in self.exclude):
-            return False
-        return any(fnmatch.fnmatch(name, pattern) for pattern in self.include)
-
-
-def _watch_files(dirs: list[str], watch_filter: _ReloadFilter, out: int) -> int:
-    """The watcher process: write each changed path to ``out``, then a NUL byte (a first NUL
-    byte once watching has begun). Returns the exit status once the supervisor is gone."""
-    import watchfiles
-
-    parent = os.getppid()
-    watching = False
-    for changes in watchfiles.watch(
-        *dirs,
-        watch_filter=watch_filter,
-        step=_RELOAD_SETTLE_MS,
-        yield_on_timeout=True,
-        rust_timeout=200,
-        raise_interrupt=False,
-    ):
-        if os.getppid() != parent:
-            return 0
-        data = b"".join(os.fsencode(path) + b"\0" for _, path in changes)
-        if not watching:
-            watching = True
-            data = b"\0" + data
-        try:
-            while data:
-                data = data[os.write(out, data) :]
-        except BrokenPipeError:
-            return 0
-    return 0
-
-
-def _forget_bytecode(path: str) -> None:
-    """Remove the cached bytecode of a changed ``.py`` file. A timestamp-based ``.pyc`` records
-    the source's mtime in whole seconds and its size, so a same-size edit within a second of
-    the last import would otherwise load the old code."""
-    if not path.endswith(".py"):
-        return
-    import importlib.util
-
-    with contextlib.suppress(OSError, ValueError, NotImplementedError):
-        os.unlink(importlib.util.cache_from_source(path))
 
 
 def _describe(code: int) -> str:

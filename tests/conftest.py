@@ -20,6 +20,7 @@ SLOW_FILES = frozenset(
         "test_soak.py",
         "test_fuzz.py",
         "test_supervisor.py",
+        "test_worker_recovery.py",
         "test_nginx.py",
     }
 )

@@ -46,6 +46,7 @@ METAVARS = frozenset(
         "N",
         "SECONDS",
         "BYTES",
+        "MIB",
         "PREFIX",
         "FORMAT",
         "PASSWORD",

@@ -606,12 +606,12 @@ def test_a_changed_file_loses_its_cached_bytecode(tmp_path: Path) -> None:
     import importlib.util
     import py_compile
 
-    from asyncwsgi.supervisor import _forget_bytecode
+    from asyncwsgi.reloader import forget_bytecode
 
     source = tmp_path / "mod.py"
     source.write_text('VERSION = "v1"\n')
     cached = Path(py_compile.compile(str(source)))
     assert cached == Path(importlib.util.cache_from_source(str(source)))
-    _forget_bytecode(str(source))
+    forget_bytecode(str(source))
     assert not cached.exists()
-    _forget_bytecode(str(source))  # already gone: nothing to do
+    forget_bytecode(str(source))  # already gone: nothing to do
