@@ -229,20 +229,20 @@ class Config:
 
     # -- limits (gunicorn's names) -----------------------------------------------------------
     limit_request_line: int = _opt(
-        8190, "414 above this request line; 0: 64 KiB", group="Limits", metavar="BYTES"
+        8190, "414 above this request line; 0: no limit", group="Limits", metavar="BYTES"
     )
     limit_request_fields: int = _opt(
-        100, "431 above this many header fields", group="Limits", metavar="N"
+        100, "431 above this many header fields; 0: no limit", group="Limits", metavar="N"
     )
     limit_request_field_size: int = _opt(
         8190,
-        "431 above this header field line; 0: 64 KiB",
+        "431 above this header field line; 0: no limit",
         "--limit-request-field_size",
         group="Limits",
         metavar="BYTES",
     )
     limit_request_head: int = _opt(
-        64 * KiB, "431 above this whole request head", group="Limits", metavar="BYTES"
+        64 * KiB, "431 above this whole request head; 0: no limit", group="Limits", metavar="BYTES"
     )
     limit_request_body: int = _opt(
         0,
@@ -404,16 +404,6 @@ class Config:
         for spec in self.bind:
             parse_bind(spec)
         _check_operation(self)
-
-    @property
-    def max_request_line(self) -> int:
-        """The effective request-line limit in bytes (0 in the flag means 64 KiB)."""
-        return self.limit_request_line or 64 * KiB
-
-    @property
-    def max_field_size(self) -> int:
-        """The effective header-field-line limit in bytes (0 in the flag means 64 KiB)."""
-        return self.limit_request_field_size or 64 * KiB
 
     def listen_specs(self) -> list[BindSpec]:
         """Return where to listen: ``bind``, ``uds`` and ``fd`` together; else the sockets

@@ -9,6 +9,8 @@ import pytest
 
 from asyncwsgi.config import BindSpec, Config, KiB, MiB, parse_bind
 from asyncwsgi.errors import AsyncWSGIError, ConfigError
+from asyncwsgi.state import request_limits
+from asyncwsgi.strict import UNLIMITED, RequestLimits
 
 DEFAULTS: dict[str, Any] = {
     "host": "127.0.0.1",
@@ -186,13 +188,20 @@ def test_edge_values_are_accepted(options: dict[str, Any]) -> None:
         assert getattr(config, name) == value
 
 
-def test_zero_limits_mean_64_kib() -> None:
-    config = Config(limit_request_line=0, limit_request_field_size=0)
-    assert config.max_request_line == 64 * KiB
-    assert config.max_field_size == 64 * KiB
-    config = Config(limit_request_line=100, limit_request_field_size=200)
-    assert config.max_request_line == 100
-    assert config.max_field_size == 200
+def test_zero_limits_mean_no_limit() -> None:
+    """``limit_request_*=0`` means no limit, as in gunicorn; the defaults are limits."""
+    zeros = {
+        "limit_request_line": 0,
+        "limit_request_fields": 0,
+        "limit_request_field_size": 0,
+        "limit_request_head": 0,
+        "limit_request_body": 0,
+    }
+    assert request_limits(Config(**zeros)) == RequestLimits.of(0, 0, 0, 0, 0)
+    assert set(request_limits(Config(**zeros))) == {UNLIMITED}
+    limits = request_limits(Config(limit_request_line=100, limit_request_field_size=200))
+    assert (limits.request_line, limits.field_size) == (100, 200)
+    assert request_limits(Config()) == RequestLimits(8190, 100, 8190, 64 * KiB, UNLIMITED)
 
 
 @pytest.mark.parametrize(

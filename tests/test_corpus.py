@@ -77,8 +77,8 @@ Deliberate differences from gunicorn (case: gunicorn's outcome -> ours; reason):
     invalid/040 invalid/chunked_07: 400 -> served with the "_" fields dropped (header_map=
         "refuse" is not implemented); framing comes from Content-Length or Transfer-Encoding
         alone, so nothing is ambiguous.
-    invalid/limit_header_default_01: 431 -> served. limit_request_field_size=0 means 64 KiB
-        for us (Config.max_field_size), 8190 bytes for gunicorn.
+    invalid/limit_header_default_01: 431 -> served. limit_request_field_size=0 means no limit
+        for us, as gunicorn documents it; gunicorn's code applies 8190 bytes.
 
 Other statuses: invalid/version_02 (HTTP/2.0, well formed) gets 505 (RFC 9110 section 15.6.6).
 invalid/rfc9112_chunked_missing_final_crlf_01 has a complete, valid head, so the application is

@@ -755,3 +755,21 @@ def test_connection_with_pipelined_bytes_is_not_released() -> None:
     conn.start_next_cycle()
     assert conn.has_unparsed_data
     assert not conn.release_if_idle()
+
+
+def test_zero_limits_mean_no_limit() -> None:
+    """``limit_request_*=0`` means no limit (gunicorn's meaning), where 0 used to mean 64 KiB."""
+    line = b"GET /" + b"a" * (70 * 1024) + b" HTTP/1.1\r\n"
+    fields = b"".join(b"X-%d: v\r\n" % i for i in range(150))
+    head = line + b"Host: x\r\n" + fields + b"X-Big: " + b"b" * (70 * 1024) + b"\r\n\r\n"
+    conn = server(
+        limit_request_line=0,
+        limit_request_fields=0,
+        limit_request_field_size=0,
+        limit_request_head=0,
+    )
+    events = conn.receive_data(head)
+    assert len(first_request(events).target) == 70 * 1024 + 1
+    with pytest.raises(RequestRejected) as excinfo:
+        server().receive_data(head)
+    assert excinfo.value.status == 414  # the defaults are limits
