@@ -1,4 +1,5 @@
-"""Every use of h11's private internals, each beside its public fallback.
+"""How the HTTP/1.1 layer talks to h11: translations to our events, and every use of h11's
+private internals, each beside its public fallback.
 
 :mod:`asyncwsgi.http11` is the only caller. Each fast path is feature-detected once, at import,
 against the installed h11 (pinned ``>=0.16,<0.17`` in ``pyproject.toml``); when h11 stores
@@ -28,6 +29,8 @@ from typing import Final
 
 import h11
 
+from .events import PeerState, Request
+
 __all__ = [
     "PUBLIC_ONLY",
     "PEEK_BUFFER",
@@ -37,6 +40,9 @@ __all__ = [
     "rewrite_unparsed",
     "new_response",
     "header_pairs",
+    "to_request",
+    "asks_keep_alive",
+    "PEER_STATES",
 ]
 
 #: ``ASYNCWSGI_H11_PUBLIC_ONLY=1``: use h11's public API only.
@@ -95,3 +101,31 @@ def header_pairs(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, by
     if FULL_ITEMS:
         return [(name, value) for _, name, value in headers._full_items]  # type: ignore[attr-defined]
     return list(headers)
+
+
+# -- translations between h11 and asyncwsgi.events (public API only) -----------------------------
+
+PEER_STATES: Final = {
+    h11.IDLE: PeerState.IDLE,
+    h11.SEND_BODY: PeerState.SEND_BODY,
+    h11.DONE: PeerState.DONE,
+    h11.MUST_CLOSE: PeerState.MUST_CLOSE,
+    h11.CLOSED: PeerState.CLOSED,
+    h11.ERROR: PeerState.ERROR,
+}
+
+
+def asks_keep_alive(request: h11.Request) -> bool:
+    """Whether the request's Connection field has ``keep-alive`` and not ``close``."""
+    tokens: set[bytes] = set()
+    for name, value in request.headers:
+        if name == b"connection":
+            tokens.update(token.strip(b" \t").lower() for token in value.split(b","))
+    return b"keep-alive" in tokens and b"close" not in tokens
+
+
+def to_request(request: h11.Request) -> Request:
+    """Return the :class:`~asyncwsgi.events.Request` of an ``h11.Request``."""
+    return Request(
+        request.method, request.target, request.http_version, header_pairs(request.headers)
+    )

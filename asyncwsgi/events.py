@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 __all__ = [
     "Request",
@@ -34,6 +34,8 @@ __all__ = [
     "PeerState",
     "ResponseHead",
     "HeaderList",
+    "reason_phrase",
+    "error_response",
 ]
 
 #: Header fields: ``(name, value)`` pairs of latin-1 bytes.
@@ -159,3 +161,38 @@ class ResponseHead(NamedTuple):
     status: int
     reason: bytes
     headers: list[tuple[bytes, bytes]]
+
+
+_REASONS: dict[int, bytes] = {}
+_TEXT_PLAIN: Final = (b"Content-Type", b"text/plain; charset=utf-8")
+_CLOSE: Final = (b"Connection", b"close")
+
+
+def reason_phrase(status: int) -> bytes:
+    """Return the standard reason phrase for ``status`` (RFC 9110 section 15), or ``b""``."""
+    phrase = _REASONS.get(status)
+    if phrase is None:
+        from http import HTTPStatus
+
+        try:
+            phrase = HTTPStatus(status).phrase.encode("ascii")
+        except ValueError:
+            phrase = b""
+        _REASONS[status] = phrase
+    return phrase
+
+
+def error_response(status: int, *extra: tuple[bytes, bytes]) -> ResponseHead:
+    """Return the head of a plain-text error response that ends the connection.
+
+    Every error response the server makes itself (a rejected request, 408, 413, 500, 503, 504)
+    has this head: ``Content-Type: text/plain; charset=utf-8``, the ``extra`` fields, and
+    ``Connection: close`` (which :meth:`ServerConnection.send_response` takes as its ``close``
+    argument, never repeating it); ``Content-Length`` is added when the head is serialised with
+    its whole body. Any thread.
+
+    Args:
+        status: the status code (RFC 9110 section 15).
+        extra: more ``(name, value)`` fields, such as ``(b"Retry-After", b"1")``.
+    """
+    return ResponseHead(status, reason_phrase(status), [_TEXT_PLAIN, *extra, _CLOSE])

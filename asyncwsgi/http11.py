@@ -1,40 +1,29 @@
 """ServerConnection: the sans-IO HTTP/1.1 server side, over ``h11.Connection(h11.SERVER)``.
 
-Bytes go in through :meth:`ServerConnection.receive_data`, which returns asyncwsgi's own events
-(:mod:`asyncwsgi.events`: ``Request``, ``Data``, ``END_OF_MESSAGE``, ``CONNECTION_CLOSED``,
-``PAUSED``) and raises :class:`~asyncwsgi.errors.RequestRejected` with the status to answer;
-response parts go in through the ``send_*`` methods, which return bytes to write and raise
-:class:`~asyncwsgi.errors.InvalidResponse`. There is no socket, thread or asyncio here, so every
-behaviour is testable by feeding bytes (see ``tests/test_http11.py``). This is the sans-IO
-boundary: no other module but :mod:`asyncwsgi._h11` (the h11 internals it uses) imports h11.
+This is the sans-IO boundary: no module but this one and :mod:`asyncwsgi._h11` (its h11
+translations and internals) imports h11. Bytes go in through :meth:`~ServerConnection.receive_data`,
+which returns our own events (:mod:`asyncwsgi.events`) or raises
+:class:`~asyncwsgi.errors.RequestRejected` with the status to answer; response parts go in
+through the ``send_*`` methods, which return bytes to write or raise
+:class:`~asyncwsgi.errors.InvalidResponse`. No socket, thread or asyncio: every behaviour is
+testable by feeding bytes (``tests/test_http11.py``). It alone decides a response's framing and
+``Connection`` field, from the status, the request's method, HTTP version and keep-alive wish
+(parsed here), the body length and whether the server closes (arguments of
+:meth:`~ServerConnection.send_response`); every error response has the head
+:func:`~asyncwsgi.events.error_response` builds.
 
-It alone decides a response's framing and its ``Connection`` field, from explicit facts: the
-status, the request's method and HTTP version and keep-alive wish (parsed here), the declared
-or whole body length and whether the server wants to close (arguments of
-:meth:`ServerConnection.send_response`). Every error response the server makes itself has the
-head :func:`error_response` builds.
-
-h11 does all parsing and framing (RFC 9112). This module adds what a server needs on top:
-
-- strictness checks where h11 0.16 is lenient (:mod:`asyncwsgi.strict`), run on the raw bytes
-  h11 holds (every request head, pipelined ones included, each chunk-size line and the trailer
-  section) just before h11 parses them, so that an application never gets an ambiguous request;
-- valid requests h11 refuses are given to it in a form it takes, with the same meaning (empty
-  lines before a request line skipped, and what :mod:`asyncwsgi.strict` rewrites): a head by
-  giving a new h11 connection the rewritten bytes between requests, a chunk-size line by
-  rewriting it in place, at the same length, in h11's buffer;
-- after a rejection, nothing more: every later call raises the same :class:`RequestRejected`,
-  so no pipelined request behind a bad one is ever parsed;
-- bytes after a request that ends the connection (HTTP/1.0, ``Connection: close``) are ignored
-  rather than refused, so that such a request is still answered;
-- HTTP/1.0 keep-alive, which h11 does not do: an HTTP/1.0 request with ``Connection:
-  keep-alive`` whose response has a known length gets ``Connection: keep-alive``, and its next
-  request goes to a new h11 connection with the bytes the old one had not parsed;
-- request limits with gunicorn's names (414, 431, 413), taken as plain values
-  (:class:`~asyncwsgi.strict.RequestLimits`), 0 meaning no limit;
-- ``Date`` and ``Server`` headers, and dropping body bytes of HEAD, 204 and 304 responses
-  (h11 frames those as ``Content-Length: 0`` and would raise on body data);
-- cutting a response body at its declared ``Content-Length`` (the excess is counted, not sent).
+h11 parses and frames (RFC 9112). On top of it, this module adds: strictness checks where h11
+0.16 is lenient (:mod:`asyncwsgi.strict`), run on the raw bytes h11 holds (every head, pipelined
+ones included, each chunk-size line, the trailer section) before h11 parses them; valid requests
+h11 refuses given to it in a form it takes, with the same meaning (empty lines before a request
+line skipped; a rewritten head given to a new h11 connection between requests; a chunk-size line
+rewritten in place, at the same length, in h11's buffer); nothing parsed after a rejection (every
+later call raises it again); bytes after a request that ends the connection ignored, not
+refused; HTTP/1.0 keep-alive, which h11 lacks (``Connection: keep-alive`` on a response of known
+length, the next request given to a new h11 connection); gunicorn's request limits (414, 431,
+413) as plain values, 0 meaning none; ``Date`` and ``Server``; the body of HEAD, 204 and 304
+responses dropped (h11 frames them as ``Content-Length: 0``); a body cut at its declared
+``Content-Length`` (the excess counted, not sent).
 """
 
 from __future__ import annotations
@@ -45,6 +34,7 @@ from typing import Final
 import h11
 
 from . import _h11, strict
+from ._h11 import PEER_STATES, asks_keep_alive, to_request
 from .errors import InvalidResponse, RequestRejected
 from .events import (
     CONNECTION_CLOSED,
@@ -54,8 +44,8 @@ from .events import (
     EndOfMessage,
     Event,
     PeerState,
-    Request,
-    ResponseHead,
+    error_response,
+    reason_phrase,
 )
 from .strict import UNLIMITED, RequestLimits
 
@@ -76,67 +66,9 @@ _END_OF_MESSAGE: Final = h11.EndOfMessage()
 # Stands in for the h11 state of an idle connection that released it (never used itself).
 _RELEASED: Final = h11.Connection(h11.SERVER)
 
-_PEER_STATES: Final = {
-    h11.IDLE: PeerState.IDLE,
-    h11.SEND_BODY: PeerState.SEND_BODY,
-    h11.DONE: PeerState.DONE,
-    h11.MUST_CLOSE: PeerState.MUST_CLOSE,
-    h11.CLOSED: PeerState.CLOSED,
-    h11.ERROR: PeerState.ERROR,
-}
-
-_REASONS: dict[int, bytes] = {}
-
 _CLOSE_END: Final = b"\r\nConnection: close\r\n\r\n"
 _KEEP_ALIVE_END: Final = b"\r\nConnection: keep-alive\r\n\r\n"
 _CLOSE: Final = (b"Connection", b"close")
-_TEXT_PLAIN: Final = (b"Content-Type", b"text/plain; charset=utf-8")
-
-
-def _asks_keep_alive(request: h11.Request) -> bool:
-    """Whether the request's Connection field has ``keep-alive`` and not ``close``."""
-    tokens: set[bytes] = set()
-    for name, value in request.headers:
-        if name == b"connection":
-            tokens.update(token.strip(b" \t").lower() for token in value.split(b","))
-    return b"keep-alive" in tokens and b"close" not in tokens
-
-
-def to_request(request: h11.Request) -> Request:
-    """Return the :class:`~asyncwsgi.events.Request` of an ``h11.Request``."""
-    return Request(
-        request.method, request.target, request.http_version, _h11.header_pairs(request.headers)
-    )
-
-
-def reason_phrase(status: int) -> bytes:
-    """Return the standard reason phrase for ``status`` (RFC 9110 section 15), or ``b""``."""
-    phrase = _REASONS.get(status)
-    if phrase is None:
-        from http import HTTPStatus
-
-        try:
-            phrase = HTTPStatus(status).phrase.encode("ascii")
-        except ValueError:
-            phrase = b""
-        _REASONS[status] = phrase
-    return phrase
-
-
-def error_response(status: int, *extra: tuple[bytes, bytes]) -> ResponseHead:
-    """Return the head of a plain-text error response that ends the connection.
-
-    Every error response the server makes itself (a rejected request, 408, 413, 500, 503, 504)
-    has this head: ``Content-Type: text/plain; charset=utf-8``, the ``extra`` fields, and
-    ``Connection: close`` (which :meth:`ServerConnection.send_response` takes as its ``close``
-    argument, never repeating it); ``Content-Length`` is added when the head is serialised with
-    its whole body. Any thread.
-
-    Args:
-        status: the status code (RFC 9110 section 15).
-        extra: more ``(name, value)`` fields, such as ``(b"Retry-After", b"1")``.
-    """
-    return ResponseHead(status, reason_phrase(status), [_TEXT_PLAIN, *extra, _CLOSE])
 
 
 class ServerConnection:
@@ -174,9 +106,8 @@ class ServerConnection:
     ) -> None:
         self._limits = limits
         self._conn = self._new_h11()
-        # What the checks expect next among the bytes h11 has not parsed: a request head, a
-        # chunk-size line (after ``_footer_left`` bytes of the CRLF that ends a chunk), or the
-        # trailer section.
+        # What the checks expect next among the unparsed bytes: a request head, a chunk-size
+        # line (after ``_footer_left`` bytes of a chunk's CRLF), or the trailer section.
         self._awaiting_head = True
         self._framing: int | None = None
         self._chunk_line_due = False
@@ -189,9 +120,8 @@ class ServerConnection:
         self._body_bytes = 0
         self._max_body = 0 if limits.body == UNLIMITED else limits.body
         self._request_body_bytes = 0
-        # An HTTP/1.0 request with "Connection: keep-alive", and whether its response (of known
-        # length) keeps the connection: h11 closes every HTTP/1.0 connection, so the next
-        # request goes to a new h11 connection (see start_next_cycle).
+        # An HTTP/1.0 keep-alive request, and whether its response keeps the connection (the
+        # next request then goes to a new h11 connection: see start_next_cycle).
         self._http10_keep_alive = False
         self._reuse = False
         #: Response body bytes dropped because they went past the declared Content-Length.
@@ -221,13 +151,10 @@ class ServerConnection:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.head)
 
     def release_if_idle(self) -> bool:
-        """Drop the h11 state of a keep-alive connection waiting for its next request.
-
-        Such a connection is equivalent to a fresh one, so its h11 objects (about 1 KiB) are
-        freed and made again when the next byte arrives: thousands of idle connections then
-        cost little more than their sockets. Returns whether the state is released. Call it
-        from housekeeping, not per request (making them again costs a few microseconds).
-        """
+        """Drop the h11 state of a keep-alive connection waiting for its next request; return
+        whether it is released. Such a connection is equivalent to a fresh one, so its h11
+        objects are made again when the next byte arrives: thousands of idle connections cost
+        little more than their sockets. For housekeeping, not per request."""
         conn = self._conn
         if conn is _RELEASED:
             return True
@@ -427,7 +354,7 @@ class ServerConnection:
             if framing is not None and framing > self._max_body:
                 raise RequestRejected(413, "request body too large")
         self._body_allowed = request.method != b"HEAD"
-        self._http10_keep_alive = request.http_version == b"1.0" and _asks_keep_alive(request)
+        self._http10_keep_alive = request.http_version == b"1.0" and asks_keep_alive(request)
 
     @property
     def they_are_waiting_for_100_continue(self) -> bool:
@@ -467,14 +394,11 @@ class ServerConnection:
             date_header: the ``(b"date", ...)`` pair to add, or None.
             content_length: when the whole body is known, its size in bytes: added as
                 ``Content-Length`` unless the headers carry one.
-            close: this is the connection's last response: ``Connection: close`` is added
-                (RFC 9112 section 9.6), once, and h11 ends the connection after it. A head
-                from :func:`error_response` carries the field already, and means ``close``.
+            close: the connection's last response: ``Connection: close`` is added once (RFC
+                9112 section 9.6); an :func:`error_response` head has it and means ``close``.
 
-        An HTTP/1.0 request with ``Connection: keep-alive`` whose response has a known length
-        (a Content-Length, or no body: HEAD, 204, 304) and is not ``close`` gets
-        ``Connection: keep-alive``, and the connection stays open (RFC 9112 appendix C.2.2,
-        as gunicorn and waitress do); otherwise h11's ``Connection: close`` stands.
+        An HTTP/1.0 keep-alive request whose response has a known length and is not ``close``
+        gets ``Connection: keep-alive`` (RFC 9112 appendix C.2.2, as gunicorn and waitress do).
 
         Raises:
             InvalidResponse: the head is invalid (a Content-Length that is not a number, a field
@@ -634,15 +558,12 @@ class ServerConnection:
     def send_error(
         self, status: int, date_header: tuple[bytes, bytes] | None, *extra: tuple[bytes, bytes]
     ) -> bytes:
-        """Return a whole error response (:func:`error_response`) that ends the connection.
-
-        For a request the server answers itself (503 at ``--limit-concurrency``, 504 at
-        ``--timeout-request``), with the body ``"<status> <phrase>"``; it is dropped for HEAD,
-        as for every response.
+        """Return a whole :func:`error_response` with the body ``"<status> <phrase>"`` (dropped
+        for HEAD), for a request the server answers itself (503 at ``--limit-concurrency``,
+        504 at ``--timeout-request``).
 
         Raises:
-            InvalidResponse: a response is already under way: only cutting the connection is
-                left.
+            InvalidResponse: a response is already under way: only cutting is left.
         """
         head = error_response(status, *extra)
         body = b"%d %s\n" % (status, head.reason)
@@ -676,11 +597,4 @@ class ServerConnection:
         conn = self._conn
         if conn is _RELEASED:
             return PeerState.IDLE
-        return _PEER_STATES[conn.their_state]
-
-    @property
-    def h11_connection(self) -> h11.Connection:
-        """The underlying h11 connection, for tests (a released one is made again)."""
-        if self._conn is _RELEASED:
-            self._conn = self._new_h11()
-        return self._conn
+        return PEER_STATES[conn.their_state]

@@ -738,13 +738,13 @@ def test_idle_connection_releases_its_h11_state_and_revives() -> None:
     conn.send_data(b"x")
     assert conn.send_end() == b""
     conn.start_next_cycle()
-    before = conn.h11_connection
+    before = conn._conn
     assert conn.release_if_idle()
     assert not conn.has_unparsed_data
     events = conn.receive_data(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
     assert isinstance(events[0], Request)
     assert events[0].target == b"/b"
-    assert conn.h11_connection is not before
+    assert conn._conn is not before
 
 
 def test_connection_with_pipelined_bytes_is_not_released() -> None:
