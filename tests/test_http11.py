@@ -16,7 +16,7 @@ import pytest
 from asyncwsgi.config import Config
 from asyncwsgi.errors import RequestRejected
 from asyncwsgi.events import ConnectionClosed, Data, EndOfMessage, Request
-from asyncwsgi.http11 import PAUSED, ServerConnection, reason_phrase
+from asyncwsgi.http11 import PAUSED, ServerConnection, error_response, reason_phrase
 from asyncwsgi.state import request_limits
 
 DATE = (b"Date", b"Sun, 06 Nov 1994 08:49:37 GMT")
@@ -773,3 +773,20 @@ def test_zero_limits_mean_no_limit() -> None:
     with pytest.raises(RequestRejected) as excinfo:
         server().receive_data(head)
     assert excinfo.value.status == 414  # the defaults are limits
+
+
+def test_error_response_during_shutdown_has_one_connection_close() -> None:
+    """A server-made error (a 500 from the pool thread) answered while shutting down carries
+    ``Connection: close`` once, not once from its head and once for the shutdown."""
+    conn = server()
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = error_response(500)
+    data = conn.send_response(head.status, head.reason, head.headers, DATE, 22, close=True)
+    assert header_values(h11_headers(data), b"connection") == [b"close"]
+    assert [name for name, _ in h11_headers(data)] == [
+        b"Content-Type",
+        b"Connection",
+        b"Content-Length",
+        b"Date",
+        b"Server",
+    ]
