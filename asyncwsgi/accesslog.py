@@ -48,17 +48,17 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from .errors import ConfigError
 from .logs import escape
 
-__all__ = ["AccessFormat", "AccessEntry", "DEFAULT_JSON_ATOMS", "ATOMS"]
+__all__ = ["AccessFormat", "AccessRecord", "DEFAULT_JSON_ATOMS", "ATOMS"]
 
 _ATOM = re.compile(r"%\((\{[^}]*\}[ioe]|[A-Za-z])\)")
 
 
-class AccessEntry:
+class AccessRecord(NamedTuple):
     """What is known about one finished response, for the atoms. Loop thread.
 
     Attributes:
@@ -72,44 +72,19 @@ class AccessEntry:
         duration: seconds from the complete request head to the end of the response.
     """
 
-    __slots__ = (
-        "client",
-        "duration",
-        "environ",
-        "headers",
-        "method",
-        "response_headers",
-        "sent",
-        "status",
-        "target",
-        "version",
-    )
-
-    def __init__(
-        self,
-        client: str,
-        environ: dict[str, Any] | None,
-        method: bytes,
-        target: bytes,
-        version: bytes,
-        headers: Sequence[tuple[bytes, bytes]],
-        status: int,
-        response_headers: Sequence[tuple[bytes, bytes]] | None,
-        sent: int,
-        duration: float,
-    ) -> None:
-        self.client = client
-        self.environ = environ
-        self.method = method
-        self.target = target
-        self.version = version
-        self.headers = headers
-        self.status = status
-        self.response_headers = response_headers
-        self.sent = sent
-        self.duration = duration
+    client: str
+    environ: dict[str, Any] | None
+    method: bytes
+    target: bytes
+    version: bytes
+    headers: Sequence[tuple[bytes, bytes]]
+    status: int
+    response_headers: Sequence[tuple[bytes, bytes]] | None
+    sent: int
+    duration: float
 
     def header(self, name: bytes) -> str | None:
+        """The first request header field named ``name`` (lower case), decoded, or None."""
         for key, value in self.headers:
             if key == name:
                 return value.decode("latin-1")
@@ -120,7 +95,7 @@ def _text(value: str | None) -> str:
     return "-" if value is None or value == "" else escape(value)
 
 
-def _remote(entry: AccessEntry) -> str:
+def _remote(entry: AccessRecord) -> str:
     environ = entry.environ
     if environ is not None:
         addr = environ.get("REMOTE_ADDR")
@@ -129,7 +104,7 @@ def _remote(entry: AccessEntry) -> str:
     return entry.client.rpartition(":")[0] or entry.client
 
 
-def _user(entry: AccessEntry) -> str | None:
+def _user(entry: AccessRecord) -> str | None:
     auth = entry.header(b"authorization")
     if auth is None or auth[:6].lower() != "basic ":
         return None
@@ -140,7 +115,7 @@ def _user(entry: AccessEntry) -> str | None:
     return decoded.partition(":")[0] or None
 
 
-def _path_query(entry: AccessEntry) -> tuple[str, str]:
+def _path_query(entry: AccessRecord) -> tuple[str, str]:
     environ = entry.environ
     if environ is not None:
         return (
@@ -151,11 +126,11 @@ def _path_query(entry: AccessEntry) -> tuple[str, str]:
     return path, query
 
 
-def _protocol(entry: AccessEntry) -> str:
+def _protocol(entry: AccessRecord) -> str:
     return "HTTP/" + entry.version.decode("latin-1")
 
 
-def _request_line(entry: AccessEntry) -> str:
+def _request_line(entry: AccessRecord) -> str:
     return f"{entry.method.decode('latin-1')} {entry.target.decode('latin-1')} {_protocol(entry)}"
 
 
@@ -171,7 +146,7 @@ def _clf_time() -> str:
 
 
 # Each atom: (JSON key, text value, JSON value).
-_Getter = Callable[[AccessEntry], Any]
+_Getter = Callable[[AccessRecord], Any]
 ATOMS: Final[dict[str, tuple[str, _Getter, _Getter]]] = {
     "h": ("remote_addr", lambda e: _text(_remote(e)), _remote),
     "l": ("ident", lambda e: "-", lambda e: None),
@@ -212,7 +187,7 @@ def _braced(atom: str) -> tuple[str, _Getter, _Getter]:
         field = name.lower().encode("latin-1")
         key = ("request_header." if kind == "i" else "response_header.") + name.lower()
 
-        def header(entry: AccessEntry) -> str | None:
+        def header(entry: AccessRecord) -> str | None:
             fields = entry.headers if kind == "i" else entry.response_headers
             for field_name, value in fields or ():
                 if field_name.lower() == field:
@@ -221,7 +196,7 @@ def _braced(atom: str) -> tuple[str, _Getter, _Getter]:
 
         return key, lambda e: _text(header(e)), header
 
-    def environ_value(entry: AccessEntry) -> str | None:
+    def environ_value(entry: AccessRecord) -> str | None:
         environ = entry.environ
         value = None if environ is None else environ.get(name, environ.get(name.upper()))
         return None if value is None else str(value)
@@ -264,7 +239,7 @@ class AccessFormat:
             except (KeyError, ValueError, TypeError) as exc:
                 raise ConfigError(f"bad access log format {fmt!r}: {exc}") from None
 
-    def render(self, entry: AccessEntry) -> str:
+    def render(self, entry: AccessRecord) -> str:
         """Return the access line of ``entry``: the format filled in, or a JSON object."""
         if self._json:
             return json.dumps({key: value(entry) for _, key, _, value in self._atoms})

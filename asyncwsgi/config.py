@@ -12,7 +12,6 @@ Field names follow gunicorn and uvicorn, so ``--limit-request-line`` and
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,12 +19,11 @@ from .accesslog import AccessFormat
 from .errors import ConfigError
 from .proxy import TrustedPeers, parse_trust_headers
 
-__all__ = ["KiB", "MiB", "UNLIMITED", "GROUPS", "Config", "BindSpec", "parse_bind"]
+__all__ = ["KiB", "MiB", "GROUPS", "Config", "BindSpec", "parse_bind"]
 
 KiB = 1024
 MiB = 1024 * KiB
 #: The bound a limit set to 0 (no limit) stands for: larger than any request.
-UNLIMITED = sys.maxsize
 
 LoopName = Literal["auto", "asyncio", "uvloop"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
@@ -268,10 +266,7 @@ class Config:
         metavar="BYTES",
     )
     limit_request_head: int = _opt(
-        64 * KiB,
-        "431 above this whole request head; 0: no limit",
-        group="Limits",
-        metavar="BYTES",
+        64 * KiB, "431 above this whole request head; 0: no limit", group="Limits", metavar="BYTES"
     )
     limit_request_body: int = _opt(
         0,
@@ -436,32 +431,6 @@ class Config:
         for spec in self.bind:
             parse_bind(spec)
         _check_operation(self)
-
-    # The limits in force: a flag's 0 (no limit) as a bound no request reaches, so that the
-    # checks compare without a special case. A request line over the head limit is still refused
-    # (431) when only the line is unlimited.
-
-    @property
-    def max_request_line(self) -> int:
-        """The request-line limit in bytes; :data:`UNLIMITED` for ``limit_request_line=0``."""
-        return self.limit_request_line or UNLIMITED
-
-    @property
-    def max_request_fields(self) -> int:
-        """The limit on header (and trailer) fields; :data:`UNLIMITED` for
-        ``limit_request_fields=0``."""
-        return self.limit_request_fields or UNLIMITED
-
-    @property
-    def max_field_size(self) -> int:
-        """The header-field-line limit in bytes, CRLF included; :data:`UNLIMITED` for
-        ``limit_request_field_size=0``."""
-        return self.limit_request_field_size or UNLIMITED
-
-    @property
-    def max_request_head(self) -> int:
-        """The request-head limit in bytes; :data:`UNLIMITED` for ``limit_request_head=0``."""
-        return self.limit_request_head or UNLIMITED
 
     def listen_specs(self) -> list[BindSpec]:
         """Return where to listen: ``bind``, ``uds`` and ``fd`` together; else the sockets

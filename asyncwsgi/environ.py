@@ -9,17 +9,15 @@ over the header fields.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
-
-import h11
 
 from .filewrapper import FileWrapper
 from .strict import absolute_form_authority, absolute_form_path
 
 if TYPE_CHECKING:
     from ._types import WSGIEnvironment
+    from .events import Request
 
 __all__ = ["connection_environ", "build_environ", "environ_key", "SERVER_SOFTWARE"]
 
@@ -55,17 +53,18 @@ def environ_key(name: bytes) -> str | None:
 def connection_environ(
     *,
     server: tuple[str, int],
-    peer: tuple[str, int] | None,
     url_scheme: str,
     root_path: str,
     multiprocess: bool,
 ) -> dict[str, Any]:
-    """Return the environ keys shared by every request of one connection.
+    """Return the environ keys shared by every request of one listener.
+
+    ``REMOTE_ADDR`` is ``""`` here: the channel sets ``REMOTE_ADDR`` and ``REMOTE_PORT`` per
+    request when the client has an IP address (not over a UNIX socket).
 
     Args:
         server: (SERVER_NAME, SERVER_PORT) of the listening socket; a UNIX socket gives
             (path, 0) and is reported as it is.
-        peer: (REMOTE_ADDR, REMOTE_PORT) of the client, or None for a UNIX socket.
         url_scheme: ``http`` or ``https``.
         root_path: SCRIPT_NAME, the prefix the application is mounted under.
         multiprocess: ``wsgi.multiprocess``, True when several worker processes serve.
@@ -83,16 +82,12 @@ def connection_environ(
         "SCRIPT_NAME": root_path,
         "SERVER_NAME": server[0],
         "SERVER_PORT": str(server[1]),
+        "REMOTE_ADDR": "",
     }
-    if peer is not None:
-        base["REMOTE_ADDR"] = peer[0]
-        base["REMOTE_PORT"] = str(peer[1])
-    else:
-        base["REMOTE_ADDR"] = ""
     return base
 
 
-def build_environ(base: dict[str, Any], request: h11.Request, body: object) -> WSGIEnvironment:
+def build_environ(base: dict[str, Any], request: Request, body: object) -> WSGIEnvironment:
     """Return the environ of one request.
 
     Args:
@@ -129,7 +124,7 @@ def build_environ(base: dict[str, Any], request: h11.Request, body: object) -> W
     environ["SERVER_PROTOCOL"] = "HTTP/1.1" if request.http_version == b"1.1" else "HTTP/1.0"
     environ["wsgi.input"] = body
     get_key = _KEY_CACHE.get
-    for name, value in _header_pairs(request.headers):
+    for name, value in request.headers:
         key = get_key(name, "")
         if key == "":
             key = environ_key(name)
@@ -142,22 +137,3 @@ def build_environ(base: dict[str, Any], request: h11.Request, body: object) -> W
     if authority is not None:
         environ["HTTP_HOST"] = authority.decode("latin-1")
     return environ
-
-
-def _header_pairs(headers: Sequence[tuple[bytes, bytes]]) -> Iterable[tuple[bytes, bytes]]:
-    """(lower-case name, value) pairs, without h11's per-item ``Sequence.__getitem__``."""
-    if _FULL_ITEMS:
-        items: list[tuple[bytes, bytes, bytes]] = headers._full_items  # type: ignore[attr-defined]
-        return [(name, value) for _, name, value in items]
-    return headers
-
-
-# h11 0.16 keeps (raw name, lower-case name, value) triples in ``Headers._full_items``; its
-# public iteration goes through ``Sequence.__iter__`` and ``__getitem__`` per field. Use the
-# list when this h11 has it (checked once), the public way otherwise.
-_FULL_ITEMS: Final = isinstance(
-    getattr(
-        h11.Request(method="GET", target="/", headers=[("Host", "x")]).headers, "_full_items", None
-    ),
-    list,
-)

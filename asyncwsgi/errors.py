@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["AsyncWSGIError", "ClientDisconnected", "ConfigError", "RequestRejected"]
+__all__ = [
+    "AsyncWSGIError",
+    "ClientDisconnected",
+    "ConfigError",
+    "InvalidResponse",
+    "RequestRejected",
+]
 
 
 class AsyncWSGIError(Exception):
@@ -19,8 +25,8 @@ class ConfigError(AsyncWSGIError, ValueError):
 class ClientDisconnected(AsyncWSGIError, OSError):
     """The client closed the connection, or stopped reading for longer than the write timeout.
 
-    Raised in the worker thread, into the application: by ``wsgi.input.read*()`` when the client
-    goes away mid-upload, and by ``write()`` or at the next hand-off of a response chunk when it
+    Raised in the pool thread, into the application: by ``wsgi.input.read*()`` when the client
+    goes away mid-upload, and by ``write()`` or when it passes on the next response chunk if it
     goes away mid-download (waitress raises its ``ClientDisconnected`` the same way). It is an
     :class:`OSError` so that code which already handles socket errors handles it too.
     """
@@ -39,3 +45,12 @@ class RequestRejected(AsyncWSGIError):
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
+
+
+class InvalidResponse(AsyncWSGIError):
+    """A response cannot be sent as asked: its head breaks HTTP/1.1 framing rules, or a response
+    is already under way on the connection.
+
+    Raised by :class:`asyncwsgi.http11.ServerConnection` (loop thread); the connection must be
+    cut, since nothing well-framed can follow (RFC 9112 section 9.6).
+    """

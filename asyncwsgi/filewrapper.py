@@ -2,9 +2,9 @@
 
 :class:`FileWrapper` is what an application gets as ``environ["wsgi.file_wrapper"]``. Returned
 from the application, it lets the server send a regular file with ``sendfile(2)``: the loop
-copies file pages straight to the socket, and the worker thread is free as soon as the app
+copies file pages straight to the socket, and the pool thread is free as soon as the app
 returns. Where that cannot apply (TLS, an object without a real ``fileno()``, a pipe) it is an
-ordinary iterable of ``block_size`` blocks, read in the worker thread.
+ordinary iterable of ``block_size`` blocks, read in the pool thread.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class FileWrapper:
 
         Only a regular file with a real ``fileno()`` qualifies; ``offset`` is its current position
         (so a file the app has seeked into is sent from there) and ``count`` the bytes to its end.
-        Worker thread (it calls ``fstat`` and ``tell``).
+        Pool thread (it calls ``fstat`` and ``tell``).
         """
         filelike = self.filelike
         try:

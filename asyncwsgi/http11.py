@@ -1,61 +1,62 @@
 """ServerConnection: the sans-IO HTTP/1.1 server side, over ``h11.Connection(h11.SERVER)``.
 
-Bytes go in through :meth:`ServerConnection.receive_data`, which returns h11 events (``Request``,
-``Data``, ``EndOfMessage``, ``ConnectionClosed``) plus :data:`PAUSED`; response parts go in through
-the ``send_*`` methods, which return bytes to write. There is no socket, thread or asyncio here,
-so every behaviour is testable by feeding bytes (see ``tests/test_http11.py``).
+This is the sans-IO boundary: no module but this one and :mod:`asyncwsgi._h11` (its h11
+translations and internals) imports h11. Bytes go in through :meth:`~ServerConnection.receive_data`,
+which returns our own events (:mod:`asyncwsgi.events`) or raises
+:class:`~asyncwsgi.errors.RequestRejected` with the status to answer; response parts go in
+through the ``send_*`` methods, which return bytes to write or raise
+:class:`~asyncwsgi.errors.InvalidResponse`. No socket, thread or asyncio: every behaviour is
+testable by feeding bytes (``tests/test_http11.py``). It alone decides a response's framing and
+``Connection`` field, from the status, the request's method, HTTP version and keep-alive wish
+(parsed here), the body length and whether the server closes (arguments of
+:meth:`~ServerConnection.send_response`); every error response has the head
+:func:`~asyncwsgi.events.error_response` builds.
 
-h11 does all parsing and framing (RFC 9112). This module adds what a server needs on top:
-
-- strictness checks where h11 0.16 is lenient (:mod:`asyncwsgi.strict`), run on the raw bytes
-  h11 holds (every request head, pipelined ones included, each chunk-size line and the trailer
-  section) just before h11 parses them, so that an application never gets an ambiguous request;
-- valid requests h11 refuses are given to it in a form it takes, with the same meaning (empty
-  lines before a request line skipped, and what :mod:`asyncwsgi.strict` rewrites): a head by
-  giving a new h11 connection the rewritten bytes between requests, a chunk-size line by
-  rewriting it in place, at the same length, in h11's buffer;
-- after a rejection, nothing more: every later call raises the same :class:`RequestRejected`,
-  so no pipelined request behind a bad one is ever parsed;
-- bytes after a request that ends the connection (HTTP/1.0, ``Connection: close``) are ignored
-  rather than refused, so that such a request is still answered;
-- HTTP/1.0 keep-alive, which h11 does not do: an HTTP/1.0 request with ``Connection:
-  keep-alive`` whose response has a known length gets ``Connection: keep-alive``, and its next
-  request goes to a new h11 connection with the bytes the old one had not parsed;
-- request limits with gunicorn's names (414, 431, 413);
-- ``Date`` and ``Server`` headers, and dropping body bytes of HEAD, 204 and 304 responses
-  (h11 frames those as ``Content-Length: 0`` and would raise on body data);
-- cutting a response body at its declared ``Content-Length`` (the excess is counted, not sent).
+h11 parses and frames (RFC 9112). On top of it, this module adds: strictness checks where h11
+0.16 is lenient (:mod:`asyncwsgi.strict`), run on the raw bytes h11 holds (every head, pipelined
+ones included, each chunk-size line, the trailer section) before h11 parses them; valid requests
+h11 refuses given to it in a form it takes, with the same meaning (empty lines before a request
+line skipped; a rewritten head given to a new h11 connection between requests; a chunk-size line
+rewritten in place, at the same length, in h11's buffer); nothing parsed after a rejection (every
+later call raises it again); bytes after a request that ends the connection ignored, not
+refused; HTTP/1.0 keep-alive, which h11 lacks (``Connection: keep-alive`` on a response of known
+length, the next request given to a new h11 connection); gunicorn's request limits (414, 431,
+413) as plain values, 0 meaning none; ``Date`` and ``Server``; the body of HEAD, 204 and 304
+responses dropped (h11 frames them as ``Content-Length: 0``); a body cut at its declared
+``Content-Length`` (the excess counted, not sent).
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Final
 
 import h11
 
-from . import strict
-from .config import Config
-from .errors import RequestRejected
-
-__all__ = ["PAUSED", "ServerConnection", "ReceivedEvent", "reason_phrase"]
-
-#: Returned by :meth:`ServerConnection.receive_data` when h11 holds further pipelined data until
-#: the current response is complete (h11's ``PAUSED``): stop reading the socket.
-PAUSED: Final = h11.PAUSED
-
-# The strictness checks read the bytes h11 holds but has not parsed yet. h11's public
-# ``trailing_data`` copies the whole buffer on each call, which a client sending many small
-# pipelined requests or chunks in one read would turn into quadratic work; h11 0.16 keeps the
-# buffer in one bytearray that it mutates in place, which we read without copying. Should a
-# later h11 store it differently, the checks fall back to ``trailing_data`` (still correct).
-_PEEK_BUFFER: Final = isinstance(
-    getattr(getattr(h11.Connection(h11.SERVER), "_receive_buffer", None), "_data", None),
-    bytearray,
+from . import _h11, strict
+from ._h11 import PEER_STATES, asks_keep_alive, to_request
+from .errors import InvalidResponse, RequestRejected
+from .events import (
+    CONNECTION_CLOSED,
+    END_OF_MESSAGE,
+    PAUSED,
+    Data,
+    EndOfMessage,
+    Event,
+    PeerState,
+    error_response,
+    reason_phrase,
 )
+from .strict import UNLIMITED, RequestLimits
 
-ReceivedEvent = h11.Request | h11.Data | h11.EndOfMessage | h11.ConnectionClosed | type[h11.PAUSED]
+__all__ = [
+    "PAUSED",
+    "ServerConnection",
+    "RequestLimits",
+    "error_response",
+    "reason_phrase",
+    "to_request",
+]
 
 _NO_BODY_STATUS = frozenset({204, 304})
 
@@ -65,37 +66,9 @@ _END_OF_MESSAGE: Final = h11.EndOfMessage()
 # Stands in for the h11 state of an idle connection that released it (never used itself).
 _RELEASED: Final = h11.Connection(h11.SERVER)
 
-# h11's events take ``_parsed=True`` for headers that were already validated (its own parser
-# passes it); use it when this h11 has it.
-_TRUSTED_HEADERS: Final = "_parsed" in inspect.signature(h11.Response.__init__).parameters
-
-_REASONS: dict[int, bytes] = {}
-
 _CLOSE_END: Final = b"\r\nConnection: close\r\n\r\n"
 _KEEP_ALIVE_END: Final = b"\r\nConnection: keep-alive\r\n\r\n"
-
-
-def _asks_keep_alive(request: h11.Request) -> bool:
-    """Whether the request's Connection field has ``keep-alive`` and not ``close``."""
-    tokens: set[bytes] = set()
-    for name, value in request.headers:
-        if name == b"connection":
-            tokens.update(token.strip(b" \t").lower() for token in value.split(b","))
-    return b"keep-alive" in tokens and b"close" not in tokens
-
-
-def reason_phrase(status: int) -> bytes:
-    """Return the standard reason phrase for ``status`` (RFC 9110 section 15), or ``b""``."""
-    phrase = _REASONS.get(status)
-    if phrase is None:
-        from http import HTTPStatus
-
-        try:
-            phrase = HTTPStatus(status).phrase.encode("ascii")
-        except ValueError:
-            phrase = b""
-        _REASONS[status] = phrase
-    return phrase
+_CLOSE: Final = (b"Connection", b"close")
 
 
 class ServerConnection:
@@ -104,7 +77,7 @@ class ServerConnection:
     Loop thread only (it is not thread-safe; the channel that owns it runs on the event loop).
 
     Args:
-        config: limits come from ``limit_request_*``.
+        limits: the request limits (414, 431, 413).
         server_header: the ``(b"server", b"asyncwsgi")`` pair to add to every response, or None.
     """
 
@@ -114,11 +87,11 @@ class ServerConnection:
         "_body_bytes",
         "_bytes_left",
         "_chunk_line_due",
-        "_config",
         "_conn",
         "_footer_left",
         "_framing",
         "_http10_keep_alive",
+        "_limits",
         "_max_body",
         "_rejected",
         "_request_body_bytes",
@@ -128,12 +101,13 @@ class ServerConnection:
         "bytes_discarded",
     )
 
-    def __init__(self, config: Config, server_header: tuple[bytes, bytes] | None) -> None:
-        self._config = config
+    def __init__(
+        self, limits: RequestLimits, server_header: tuple[bytes, bytes] | None = None
+    ) -> None:
+        self._limits = limits
         self._conn = self._new_h11()
-        # What the checks expect next among the bytes h11 has not parsed: a request head, a
-        # chunk-size line (after ``_footer_left`` bytes of the CRLF that ends a chunk), or the
-        # trailer section.
+        # What the checks expect next among the unparsed bytes: a request head, a chunk-size
+        # line (after ``_footer_left`` bytes of a chunk's CRLF), or the trailer section.
         self._awaiting_head = True
         self._framing: int | None = None
         self._chunk_line_due = False
@@ -144,11 +118,10 @@ class ServerConnection:
         self._body_allowed = True
         self._bytes_left: int | None = None
         self._body_bytes = 0
-        self._max_body = config.limit_request_body
+        self._max_body = 0 if limits.body == UNLIMITED else limits.body
         self._request_body_bytes = 0
-        # An HTTP/1.0 request with "Connection: keep-alive", and whether its response (of known
-        # length) keeps the connection: h11 closes every HTTP/1.0 connection, so the next
-        # request goes to a new h11 connection (see start_next_cycle).
+        # An HTTP/1.0 keep-alive request, and whether its response keeps the connection (the
+        # next request then goes to a new h11 connection: see start_next_cycle).
         self._http10_keep_alive = False
         self._reuse = False
         #: Response body bytes dropped because they went past the declared Content-Length.
@@ -156,7 +129,7 @@ class ServerConnection:
 
     # -- receiving ------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[ReceivedEvent]:
+    def receive_data(self, data: bytes) -> list[Event]:
         """Feed bytes from the socket (``b""`` means EOF) and return the events now complete.
 
         The list ends with :data:`PAUSED` when a complete request is followed by pipelined data
@@ -175,16 +148,13 @@ class ServerConnection:
         return self.next_events()
 
     def _new_h11(self) -> h11.Connection:
-        return h11.Connection(h11.SERVER, max_incomplete_event_size=self._config.max_request_head)
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.head)
 
     def release_if_idle(self) -> bool:
-        """Drop the h11 state of a keep-alive connection waiting for its next request.
-
-        Such a connection is equivalent to a fresh one, so its h11 objects (about 1 KiB) are
-        freed and made again when the next byte arrives: thousands of idle connections then
-        cost little more than their sockets. Returns whether the state is released. Call it
-        from housekeeping, not per request (making them again costs a few microseconds).
-        """
+        """Drop the h11 state of a keep-alive connection waiting for its next request; return
+        whether it is released. Such a connection is equivalent to a fresh one, so its h11
+        objects are made again when the next byte arrives: thousands of idle connections cost
+        little more than their sockets. For housekeeping, not per request."""
         conn = self._conn
         if conn is _RELEASED:
             return True
@@ -204,7 +174,7 @@ class ServerConnection:
         """Whether bytes of a next request wait in h11's buffer (pipelining)."""
         return self._conn is not _RELEASED and bool(self._unparsed())
 
-    def next_events(self) -> list[ReceivedEvent]:
+    def next_events(self) -> list[Event]:
         """Return the events h11 can produce from data it already holds (after a new cycle).
 
         Raises:
@@ -218,14 +188,14 @@ class ServerConnection:
             self._rejected = exc
             raise
 
-    def _next_events(self) -> list[ReceivedEvent]:
-        events: list[ReceivedEvent] = []
+    def _next_events(self) -> list[Event]:
+        events: list[Event] = []
         conn = self._conn
         if conn.their_state is h11.MUST_CLOSE:
             # What follows a request that ends the connection is ignored (below), unless an
             # HTTP/1.0 keep-alive response may keep it: then it waits for the next cycle.
             if self._http10_keep_alive and self._unparsed():
-                events.append(h11.PAUSED)
+                events.append(PAUSED)
             return events
         while True:
             if self._awaiting_head:
@@ -243,7 +213,7 @@ class ServerConnection:
             if event is h11.NEED_DATA:
                 return events
             if event is h11.PAUSED:
-                events.append(h11.PAUSED)
+                events.append(PAUSED)
                 return events
             if type(event) is h11.Data:
                 if self._max_body:
@@ -253,32 +223,35 @@ class ServerConnection:
                 if self._framing == strict.CHUNKED and event.chunk_end:
                     self._chunk_line_due = True
                     self._footer_left = 2
+                events.append(Data(event.data))  # h11 hands over a new bytearray: no copy
             elif type(event) is h11.Request:
                 self._on_request(event)
+                events.append(to_request(event))
             elif type(event) is h11.EndOfMessage:
                 if event.headers:
                     strict.check_trailers(event.headers)
                 self._framing = None
                 self._chunk_line_due = self._trailers_due = False
-                events.append(event)
+                events.append(
+                    EndOfMessage(_h11.header_pairs(event.headers))
+                    if event.headers
+                    else END_OF_MESSAGE
+                )
                 if conn.their_state is h11.MUST_CLOSE:
                     # The connection ends with this request. h11 would refuse any byte after
                     # it ("Got data when expecting EOF") before we could answer it; RFC 9112
                     # section 9.6 lets a server that closes ignore what follows. After an
                     # HTTP/1.0 keep-alive request, what follows waits (reading pauses).
                     if self._http10_keep_alive and self._unparsed():
-                        events.append(h11.PAUSED)
+                        events.append(PAUSED)
                     return events
-                continue
-            events.append(event)  # type: ignore[arg-type]
-            if type(event) is h11.ConnectionClosed:
+            elif type(event) is h11.ConnectionClosed:
+                events.append(CONNECTION_CLOSED)
                 return events
 
     def _unparsed(self) -> bytes | bytearray:
         """The bytes h11 holds and has not parsed yet (no copy where h11 allows it)."""
-        if _PEEK_BUFFER:
-            return self._conn._receive_buffer._data
-        return self._conn.trailing_data[0]
+        return _h11.unparsed(self._conn)
 
     def _check_head(self) -> bool:
         """Check the request head h11 holds, before h11 parses it or when it is incomplete.
@@ -309,9 +282,9 @@ class ServerConnection:
             raise RequestRejected(400, "bare LF before the request line")
         end = buffered.find(b"\r\n\r\n")
         if end < 0:
-            strict.check_partial_head(buffered, self._config)
+            strict.check_partial_head(buffered, self._limits)
             return True
-        self._framing, rewritten = strict.check_head(buffered[: end + 2], self._config)
+        self._framing, rewritten = strict.check_head(buffered[: end + 2], self._limits)
         self._awaiting_head = False
         if rewritten is not None:
             self._replace_unparsed(rewritten + buffered[end + 2 :])
@@ -349,12 +322,10 @@ class ServerConnection:
             return  # h11 waits for the CRLF too
         self._chunk_line_due = False
         last, rewritten = strict.check_chunk_line(buffered[footer:end])
-        if rewritten is not None:
-            if not _PEEK_BUFFER:
-                # h11 will refuse the line (400); without access to its buffer, let it.
-                return
-            # Same length, no CR or LF: h11's buffer positions stay valid.
-            self._conn._receive_buffer._data[footer:end] = rewritten
+        # Same length, no CR or LF: h11's buffer positions stay valid. Without access to h11's
+        # buffer the line stays as it is, and h11 refuses it (400): fail closed.
+        if rewritten is not None and not _h11.rewrite_unparsed(self._conn, footer, end, rewritten):
+            return
         if last:
             self._trailers_due = True
             self._check_trailer_section(end + 2)
@@ -369,7 +340,7 @@ class ServerConnection:
         if end < 0:
             strict.check_partial_trailers(buffered, start)
             return
-        strict.check_trailer_section(buffered[start : end + 2], self._config)
+        strict.check_trailer_section(buffered[start : end + 2], self._limits)
         self._trailers_due = False
 
     def _on_request(self, request: h11.Request) -> None:
@@ -383,7 +354,7 @@ class ServerConnection:
             if framing is not None and framing > self._max_body:
                 raise RequestRejected(413, "request body too large")
         self._body_allowed = request.method != b"HEAD"
-        self._http10_keep_alive = request.http_version == b"1.0" and _asks_keep_alive(request)
+        self._http10_keep_alive = request.http_version == b"1.0" and asks_keep_alive(request)
 
     @property
     def they_are_waiting_for_100_continue(self) -> bool:
@@ -423,37 +394,39 @@ class ServerConnection:
             date_header: the ``(b"date", ...)`` pair to add, or None.
             content_length: when the whole body is known, its size in bytes: added as
                 ``Content-Length`` unless the headers carry one.
-            close: this is the connection's last response: ``Connection: close`` is added
-                (RFC 9112 section 9.6), and h11 ends the connection after it.
+            close: the connection's last response: ``Connection: close`` is added once (RFC
+                9112 section 9.6); an :func:`error_response` head has it and means ``close``.
 
-        An HTTP/1.0 request with ``Connection: keep-alive`` whose response has a known length
-        (a Content-Length, or no body: HEAD, 204, 304) and is not ``close`` gets
-        ``Connection: keep-alive``, and the connection stays open (RFC 9112 appendix C.2.2,
-        as gunicorn and waitress do); otherwise h11's ``Connection: close`` stands.
+        An HTTP/1.0 keep-alive request whose response has a known length and is not ``close``
+        gets ``Connection: keep-alive`` (RFC 9112 appendix C.2.2, as gunicorn and waitress do).
 
         Raises:
-            h11.LocalProtocolError: when h11 rejects the head (a header it considers invalid).
+            InvalidResponse: the head is invalid (a Content-Length that is not a number, a field
+                h11 refuses), or a response is already under way.
         """
         self._body_bytes = 0
         self._reuse = False
-        if close:
-            headers.append((b"Connection", b"close"))
         if status in _NO_BODY_STATUS or 100 <= status < 200:
             self._body_allowed = False
         declared: int | None = None
-        has_date = has_server = False
+        has_date = has_server = has_close = False
         for name, value in headers:
             size = len(name)
-            if size == 14 or size == 4 or size == 6:  # content-length, date, server
+            if size == 14 or size == 4 or size == 6 or size == 10:
                 lowered = name.lower()
                 if lowered == b"content-length":
                     if not value.isdigit():
-                        raise h11.LocalProtocolError("bad Content-Length")
+                        raise InvalidResponse("bad Content-Length")
                     declared = int(value)
                 elif lowered == b"date":
                     has_date = True
                 elif lowered == b"server":
                     has_server = True
+                elif lowered == b"connection":
+                    # Only error_response() puts one here (PEP 3333 keeps it from the app).
+                    has_close = close = True
+        if close and not has_close:
+            headers.append(_CLOSE)
         if declared is None and content_length is not None and status not in _NO_BODY_STATUS:
             headers.append((b"Content-Length", b"%d" % content_length))
             declared = content_length
@@ -463,19 +436,12 @@ class ServerConnection:
         if self._server_header is not None and not has_server:
             headers.append(self._server_header)
         self._bytes_left = declared if self._body_allowed else 0
-        if _TRUSTED_HEADERS:
-            # The worker validated every name and value (asyncwsgi.wsgi._encode_head) with rules
-            # at least as strict as h11's; skip h11's second pass of the same regexes.
-            response = h11.Response(
-                status_code=status,
-                reason=reason,
-                headers=headers,
-                http_version=b"1.1",
-                _parsed=True,
-            )
-        else:
-            response = h11.Response(status_code=status, reason=reason, headers=headers)
-        data = self._conn.send(response)
+        # The worker validated every name and value (asyncwsgi.wsgi) with rules at least as
+        # strict as h11's; h11's second pass of the same regexes is skipped where it can be.
+        try:
+            data = self._conn.send(_h11.new_response(status, reason, headers))
+        except h11.LocalProtocolError as exc:
+            raise InvalidResponse(str(exc)) from None
         assert data is not None
         if (
             self._http10_keep_alive
@@ -505,7 +471,10 @@ class ServerConnection:
                 return ()
             self._bytes_left = left - len(data)
         self._body_bytes += len(data)
-        pieces = self._conn.send_with_data_passthrough(h11.Data(data=data))
+        try:
+            pieces = self._conn.send_with_data_passthrough(h11.Data(data=data))
+        except h11.LocalProtocolError as exc:
+            raise InvalidResponse(str(exc)) from None
         assert pieces is not None  # None only for ConnectionClosed
         return pieces
 
@@ -538,7 +507,10 @@ class ServerConnection:
         if self._bytes_left:
             self._conn.send_failed()
             return None
-        data = self._conn.send(_END_OF_MESSAGE)
+        try:
+            data = self._conn.send(_END_OF_MESSAGE)
+        except h11.LocalProtocolError as exc:
+            raise InvalidResponse(str(exc)) from None
         assert data is not None
         return data
 
@@ -583,36 +555,46 @@ class ServerConnection:
         self._chunk_line_due = self._trailers_due = False
         self._body_allowed = True
 
+    def send_error(
+        self, status: int, date_header: tuple[bytes, bytes] | None, *extra: tuple[bytes, bytes]
+    ) -> bytes:
+        """Return a whole :func:`error_response` with the body ``"<status> <phrase>"`` (dropped
+        for HEAD), for a request the server answers itself (503 at ``--limit-concurrency``,
+        504 at ``--timeout-request``).
+
+        Raises:
+            InvalidResponse: a response is already under way: only cutting is left.
+        """
+        head = error_response(status, *extra)
+        body = b"%d %s\n" % (status, head.reason)
+        out = [self.send_response(status, head.reason, head.headers, date_header, len(body))]
+        out.extend(self.send_data(body))
+        out.append(self.send_end() or b"")
+        return b"".join(out)
+
     def send_rejection(
         self, status: int, reason: str, date_header: tuple[bytes, bytes] | None = None
     ) -> bytes:
         """Return a complete ``Connection: close`` error response for a rejected request.
 
-        Returns ``b""`` when a response is already under way (then only closing is left).
+        The body, ``"<status> <phrase>: <reason>"``, is sent whatever the request's method: the
+        request was not understood. Returns ``b""`` when a response is already under way (then
+        only closing is left).
         """
         body = f"{status} {reason_phrase(status).decode()}: {reason}\n".encode("ascii", "replace")
-        headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
-        if date_header is not None:
-            headers.append(date_header)
-        if self._server_header is not None:
-            headers.append(self._server_header)
         if self._conn is _RELEASED:
             self._conn = self._new_h11()
         if self._conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return b""
-        head = h11.Response(status_code=status, reason=reason_phrase(status), headers=headers)
+        head = error_response(status)
         # h11 checks its own state only; after a RemoteProtocolError it still lets us answer.
-        data = self._conn.send(head)
-        assert data is not None
+        data = self.send_response(status, head.reason, head.headers, date_header, len(body))
         return data + body
 
     @property
-    def h11_connection(self) -> h11.Connection:
-        """The underlying h11 connection (for tests and introspection)."""
-        if self._conn is _RELEASED:
-            self._conn = self._new_h11()
-        return self._conn
+    def their_state(self) -> PeerState:
+        """Where the client is in the current exchange (h11's ``their_state``)."""
+        conn = self._conn
+        if conn is _RELEASED:
+            return PeerState.IDLE
+        return PEER_STATES[conn.their_state]

@@ -33,12 +33,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from .bridge import WorkerPool
-from .channel import HTTPChannel, ServerState
+from .channel import HTTPChannel
 from .config import BindSpec, Config
-from .logs import error_logger, reopen_log_files, setup_logging
+from .logs import LogThrottle, error_logger, reopen_log_files, setup_logging
+from .pool import ThreadPool
+from .state import ServerState
 from .tls import create_ssl_context
-from .wsgi import LogThrottle
 
 if TYPE_CHECKING:
     from ._types import WSGIApplication
@@ -77,7 +77,7 @@ class Server:
         self._sockets = sockets
         self._servers: list[asyncio.base_events.Server] = []
         self._state: ServerState | None = None
-        self._pool: WorkerPool | None = None
+        self._pool: ThreadPool | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         # The listening sockets; each asyncio server listens on a duplicate of one (see _listen).
@@ -110,9 +110,9 @@ class Server:
         config = self.config
         sslcontext = create_ssl_context(config)  # once, for every listener
         scheme = "https" if sslcontext is not None else "http"
-        self._pool = WorkerPool(loop, config.threads)
+        self._pool = ThreadPool(loop, config.threads)
         state = self._state = ServerState(
-            config, self.app, self._pool, multiprocess=config.workers > 1
+            config, self.app, self._pool, multiprocess=config.workers > 1, clock=loop.time
         )
         if config.max_requests:
             # Drawn once per process, so that workers started together restart apart.
@@ -169,32 +169,25 @@ class Server:
         idle ones cost ten short pauses of the loop instead of one long one.
         """
         state = self.state
-        config = self.config
         pool = self._pool
         assert pool is not None
-        timeouts = (
-            config.timeout_request_header,
-            config.timeout_write,
-            config.timeout_request,
-            config.timeout_linger,
-        )
-        shortest = min([config.timeout_keep_alive, *(t for t in timeouts if t > 0)])
-        interval = min(1.0, max(0.01, shortest / 4))
+        interval = state.timeouts.sweep_interval
         slices = max(1, min(10, round(interval / 0.01)))
-        loop = asyncio.get_running_loop()
+        clock = state.clock
+        check = state.timeouts.check
         sweep: list[HTTPChannel] = []
         done = share = 0
         while True:
             await asyncio.sleep(interval / slices)
             state.refresh_date()
-            now = loop.time()
+            now = clock()
             perf_now = time.perf_counter()
             if done >= len(sweep):
                 sweep = list(state.channels)
                 done = 0
                 share = -(-len(sweep) // slices)  # ceiling
             for channel in sweep[done : done + share]:
-                channel.check_timeouts(now, perf_now)
+                check(channel, now, perf_now)
             done += share
             queued = pool.queued
             if queued and pool.busy >= pool.max_threads and self._overload_log.ready():

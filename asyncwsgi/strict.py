@@ -44,16 +44,16 @@ What h11 lets through, and these checks refuse:
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, NamedTuple, Protocol
 
-import h11
-
-from .config import Config
 from .errors import RequestRejected
 
 __all__ = [
     "CHUNKED",
+    "UNLIMITED",
+    "RequestLimits",
     "check_partial_head",
     "check_partial_trailers",
     "check_head",
@@ -67,6 +67,51 @@ __all__ = [
 
 #: What :func:`check_head` returns for a request whose body is chunked.
 CHUNKED: Final = -1
+
+#: A limit that is never reached (``0`` in a ``limit_request_*`` setting, as in gunicorn).
+UNLIMITED: Final = sys.maxsize
+
+
+class RequestLimits(NamedTuple):
+    """The request limits, in bytes or fields, with gunicorn's names; any value may be
+    :data:`UNLIMITED`. Build it with :meth:`of`, which maps a setting's 0 to :data:`UNLIMITED`.
+
+    Attributes:
+        request_line: the request line (414 above it).
+        fields: the number of header fields, and of trailer fields (431 above it).
+        field_size: one field line, its CRLF included (431 above it).
+        head: the whole request head (431 above it).
+        body: the request body (413 above it).
+    """
+
+    request_line: int = UNLIMITED
+    fields: int = UNLIMITED
+    field_size: int = UNLIMITED
+    head: int = UNLIMITED
+    body: int = UNLIMITED
+
+    @classmethod
+    def of(
+        cls, request_line: int, fields: int, field_size: int, head: int, body: int
+    ) -> RequestLimits:
+        """Return the limits, each 0 (a setting's "no limit") as :data:`UNLIMITED`."""
+        return cls(
+            *(value or UNLIMITED for value in (request_line, fields, field_size, head, body))
+        )
+
+
+class RequestLine(Protocol):
+    """The parsed request line :func:`check_request` reads."""
+
+    @property
+    def method(self) -> bytes: ...
+
+    @property
+    def target(self) -> bytes: ...
+
+    @property
+    def http_version(self) -> bytes: ...
+
 
 _DIGITS = frozenset(b"0123456789")
 # h11's limit for a Content-Length and a chunk size: 20 digits, leading zeros included. Longer
@@ -126,7 +171,7 @@ _FORBIDDEN_TRAILERS = frozenset(
 )
 
 
-def check_partial_head(head: bytes | bytearray, config: Config) -> None:
+def check_partial_head(head: bytes | bytearray, limits: RequestLimits) -> None:
     """Check a request head that has not yet ended with an empty line.
 
     Called while the head is still arriving, so that an oversized request line is refused as
@@ -135,7 +180,7 @@ def check_partial_head(head: bytes | bytearray, config: Config) -> None:
 
     Args:
         head: the bytes received so far (no ``\\r\\n\\r\\n`` among them).
-        config: the ``limit_request_*`` values.
+        limits: the request limits.
 
     Raises:
         RequestRejected: 400 for a bare LF that h11 would take as the end of the head; 414 for a
@@ -148,14 +193,14 @@ def check_partial_head(head: bytes | bytearray, config: Config) -> None:
     size = len(head) - 1 if head[-1:] == b"\r" else len(head)
     line_end = head.find(b"\r\n")
     if line_end < 0:
-        if size > config.max_request_line:
+        if size > limits.request_line:
             raise RequestRejected(414, "request line too long")
         return
-    if line_end > config.max_request_line:
+    if line_end > limits.request_line:
         raise RequestRejected(414, "request line too long")
-    if len(head) > config.max_request_head:
+    if len(head) > limits.head:
         raise RequestRejected(431, "request head too large")
-    if size - (head.rfind(b"\r\n") + 2) + 2 > config.max_field_size:
+    if size - (head.rfind(b"\r\n") + 2) + 2 > limits.field_size:
         raise RequestRejected(431, "request header field too large")
 
 
@@ -172,13 +217,13 @@ def _check_controls(lines: bytes | bytearray, where: str) -> int:
     return crlf
 
 
-def check_head(head: bytes | bytearray, config: Config) -> tuple[int | None, bytes | None]:
+def check_head(head: bytes | bytearray, limits: RequestLimits) -> tuple[int | None, bytes | None]:
     """Check a complete raw request head, request line included, before h11 parses it.
 
     Args:
         head: the head from the request line up to and including the CRLF that ends the last
             field line (the empty line that ends the head is not included).
-        config: the ``limit_request_*`` values. A field line's size counts its CRLF, as
+        limits: the request limits. A field line's size counts its CRLF, as
             gunicorn counts it.
 
     Returns:
@@ -202,13 +247,13 @@ def check_head(head: bytes | bytearray, config: Config) -> tuple[int | None, byt
     _check_controls(head, "request head")
     lines: list[bytes | bytearray] = list(head.split(b"\r\n"))
     lines.pop()  # the empty string after the final CRLF
-    if len(lines[0]) > config.max_request_line:
+    if len(lines[0]) > limits.request_line:
         raise RequestRejected(414, "request line too long")
-    if len(lines) - 1 > config.max_request_fields:
+    if len(lines) - 1 > limits.fields:
         raise RequestRejected(431, "too many header fields")
-    if len(head) > config.max_request_head:
+    if len(head) > limits.head:
         raise RequestRejected(431, "request head too large")
-    max_field = config.max_field_size - 2  # the CRLF counts
+    max_field = limits.field_size - 2  # the CRLF counts
     content_length: bytes | bytearray | None = None
     codings: list[bytes | bytearray] | None = None
     hosts = content_types = te_lines = 0
@@ -304,7 +349,7 @@ def _check_transfer_encoding(
         raise RequestRejected(501, "unsupported transfer coding")
 
 
-def check_request(request: h11.Request) -> None:
+def check_request(request: RequestLine) -> None:
     """Check the parsed request line: method, version, and a target form the method allows.
 
     Raises:
@@ -418,21 +463,21 @@ def check_partial_trailers(buffered: bytes | bytearray, start: int) -> None:
         raise RequestRejected(400, "bare LF line ending in trailer section")
 
 
-def check_trailer_section(section: bytes | bytearray, config: Config) -> None:
+def check_trailer_section(section: bytes | bytearray, limits: RequestLimits) -> None:
     """Check a complete raw trailer section before h11 parses it.
 
     Args:
         section: the field lines, each with its CRLF, without the empty line that ends them.
-        config: the field-count and field-size limits apply to trailers as to the head.
+        limits: the field-count and field-size limits apply to trailers as to the head.
 
     Raises:
         RequestRejected: 400 for a bare CR or LF, obs-fold or a control character; 431 for the
             limits.
     """
     crlf = _check_controls(section, "trailer section")
-    if crlf > config.max_request_fields:
+    if crlf > limits.fields:
         raise RequestRejected(431, "too many trailer fields")
-    max_field = config.max_field_size - 2
+    max_field = limits.field_size - 2
     for line in section.split(b"\r\n"):
         if len(line) > max_field:
             raise RequestRejected(431, "trailer field too large")

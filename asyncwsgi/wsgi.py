@@ -1,6 +1,6 @@
-"""The worker side of PEP 3333: call the application, check what it gives, hand the response on.
+"""The pool-thread side of PEP 3333: call the application, check its response, pass it on.
 
-:func:`run_wsgi` runs in a worker thread, once per request. It calls the application with the
+:func:`run_wsgi` runs in a pool thread, once per request. It calls the application with the
 ``environ`` and a ``start_response``, validates the status and headers (a bad one is a 500,
 never a split response), iterates the result and hands the head and body to a
 :class:`~asyncwsgi.bridge.ResponseSink`. The result's ``close()`` is called exactly once, in a
@@ -20,12 +20,13 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ClientDisconnected
+from .events import ResponseHead
 from .filewrapper import FileWrapper
+from .http11 import error_response
 from .logs import LogThrottle, escape
 
 if TYPE_CHECKING:
     from ._types import OptExcInfo, WSGIApplication, WSGIEnvironment
-    from .bridge import Head
 
 __all__ = ["run_wsgi", "Sink", "HOP_BY_HOP", "ResponseError", "LogThrottle"]
 
@@ -55,6 +56,8 @@ _NAME_CACHE: dict[str, bytes] = {}
 # X-Frame-Options...), by the str pair; Content-Length is never kept. Bounded; any thread.
 _PAIR_CACHE: dict[tuple[str, str], tuple[bytes, bytes]] = {}
 _SERVER_ERROR_BODY = b"Internal Server Error\n"
+_REQUEST_TIMEOUT_BODY = b"Request Timeout\n"
+_UNAVAILABLE_BODY = b"Service Unavailable\n"
 #: Seconds a client told 503 is asked to wait before it tries again (RFC 9110 section 10.2.3).
 RETRY_AFTER = b"1"
 
@@ -68,9 +71,13 @@ class Sink(Protocol):
     can_sendfile: bool
     disconnected: bool
 
-    def send(self, head: Head | None, chunks: list[bytes], nbytes: int, end: bool) -> None: ...
+    def send(
+        self, head: ResponseHead | None, chunks: list[bytes], nbytes: int, end: bool
+    ) -> None: ...
 
-    def send_file(self, head: Head, wrapper: FileWrapper, offset: int, count: int) -> None: ...
+    def send_file(
+        self, head: ResponseHead, wrapper: FileWrapper, offset: int, count: int
+    ) -> None: ...
 
     def abort(self) -> None: ...
 
@@ -79,7 +86,7 @@ class ResponseError(Exception):
     """The application broke PEP 3333: bad status or headers, no ``start_response``, str body."""
 
 
-def _encode_head(status: object, headers: object) -> Head:
+def _encode_head(status: object, headers: object) -> ResponseHead:
     """Validate ``start_response`` arguments and encode them to latin-1 bytes.
 
     Raises:
@@ -131,18 +138,19 @@ def _encode_head(status: object, headers: object) -> Head:
             _PAIR_CACHE[item] = pair
         append(pair)
     reason = status[4:].encode("latin-1", "replace")
-    return int(status[:3]), reason, encoded
+    return ResponseHead(int(status[:3]), reason, encoded)
 
 
 class _Response:
-    """``start_response`` and ``write`` for one request. Worker thread only."""
+    """``start_response`` and ``write`` for one request. Pool thread only."""
 
-    __slots__ = ("head", "head_sent", "sink")
+    __slots__ = ("head", "head_handed_over", "sink")
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
-        self.head: Head | None = None
-        self.head_sent = False
+        self.head: ResponseHead | None = None
+        #: Whether the head has been handed to the sink (it may not be on the wire yet).
+        self.head_handed_over = False
 
     def start_response(
         self,
@@ -159,7 +167,7 @@ class _Response:
         """
         if exc_info is not None and exc_info[1] is not None:
             try:
-                if self.head_sent:
+                if self.head_handed_over:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None
@@ -168,11 +176,11 @@ class _Response:
         self.head = _encode_head(status, headers)
         return self.write
 
-    def take_head(self) -> Head:
+    def take_head(self) -> ResponseHead:
         head = self.head
         if head is None:
             raise ResponseError("the application did not call start_response()")
-        self.head_sent = True
+        self.head_handed_over = True
         return head
 
     def write(self, data: bytes) -> None:
@@ -186,7 +194,7 @@ class _Response:
             if not isinstance(data, bytes):
                 raise TypeError(f"response body chunks must be bytes, got {type(data).__name__}")
             data = bytes(data)
-        if self.head_sent:
+        if self.head_handed_over:
             if data:
                 self.sink.send(None, [data], len(data), False)
         else:
@@ -203,11 +211,11 @@ def run_wsgi(
 ) -> None:
     """Run one request through the application and hand its response to ``sink``.
 
-    Worker thread only. Never raises: an application error before the head was handed over
+    Pool thread only. Never raises: an application error before the head was handed over
     becomes a 500 and a logged traceback; after it, the connection is aborted. That includes
     every ``BaseException`` the application's code raises (from the call, ``start_response``,
     iterating the result or reading ``wsgi.input``): ``sys.exit()`` or argparse in a view raises
-    ``SystemExit`` in this worker thread, which must neither end the thread nor stop the server
+    ``SystemExit`` in this pool thread, which must neither end the thread nor stop the server
     (signals, and so a real Ctrl-C, only ever reach the main thread). ``close()`` of the result
     runs in a ``finally``, exactly once (PEP 3333 "Specification Details"); whatever it raises is
     logged, never propagated.
@@ -244,7 +252,7 @@ def run_wsgi(
         if type(result) is list or type(result) is tuple:
             _send_sequence(response, result)
         elif type(result) is FileWrapper and sink.can_sendfile and _send_file(response, result):
-            result = None  # the loop owns the file now and has it closed in a worker
+            result = None  # the loop owns the file now and has it closed in a pool thread
         else:
             _send_iterable(response, result)
     except ClientDisconnected as exc:
@@ -262,7 +270,7 @@ def run_wsgi(
 
 
 def _send_sequence(response: _Response, result: list[bytes] | tuple[bytes, ...]) -> None:
-    """Send a body that is all in memory in one hand-off, with a computed Content-Length."""
+    """Send a body that is all in memory with its head, in one call: its length is known."""
     chunks: list[bytes] = []
     nbytes = 0
     for chunk in result:
@@ -273,7 +281,7 @@ def _send_sequence(response: _Response, result: list[bytes] | tuple[bytes, ...])
         if chunk:
             chunks.append(chunk)
             nbytes += len(chunk)
-    if response.head_sent:
+    if response.head_handed_over:
         response.sink.send(None, chunks, nbytes, True)
     else:
         response.sink.send(response.take_head(), chunks, nbytes, True)
@@ -285,7 +293,7 @@ def _send_iterable(response: _Response, result: Iterable[bytes]) -> None:
     for chunk in result:
         if chunk or type(chunk) is not bytes:  # an empty block does not send the head
             write(chunk)
-    if response.head_sent:
+    if response.head_handed_over:
         response.sink.send(None, [], 0, True)
     else:
         response.sink.send(response.take_head(), [], 0, True)
@@ -293,7 +301,7 @@ def _send_iterable(response: _Response, result: Iterable[bytes]) -> None:
 
 def _send_file(response: _Response, wrapper: FileWrapper) -> bool:
     """Hand a file body to the loop for sendfile(2); False when it must be iterated instead."""
-    if response.head_sent:
+    if response.head_handed_over:
         return False
     file_range = wrapper.sendfile_range()
     if file_range is None:
@@ -308,7 +316,7 @@ def _fail(response: _Response, environ: WSGIEnvironment, exc_info: OptExcInfo) -
     """Answer 500 if the head has not gone out, else abort the connection; log once."""
     logger.error("Error handling request %s", _path(environ), exc_info=exc_info)
     sink = response.sink
-    if response.head_sent:
+    if response.head_handed_over:
         sink.abort()
         return
     if sink.disconnected:
@@ -316,8 +324,8 @@ def _fail(response: _Response, environ: WSGIEnvironment, exc_info: OptExcInfo) -
     body = _SERVER_ERROR_BODY
     if environ.get("asyncwsgi.expose_tracebacks"):
         body += "".join(traceback.format_exception(exc_info[1])).encode("utf-8", "replace")
-    response.head_sent = True
-    _send_error(sink, 500, b"Internal Server Error", body)
+    response.head_handed_over = True
+    _send_error(sink, 500, body)
 
 
 def _client_gone(response: _Response, environ: WSGIEnvironment, exc: ClientDisconnected) -> None:
@@ -328,15 +336,15 @@ def _client_gone(response: _Response, environ: WSGIEnvironment, exc: ClientDisco
         logger.debug("client disconnected during %s", _path(environ))
         return
     log = logger.isEnabledFor(logging.INFO)
-    if response.head_sent:
+    if response.head_handed_over:
         if log:
             logger.info("%s: %s; closing the connection", _path(environ), exc)
         sink.abort()
         return
     if log:
         logger.info("%s: %s; answering 408", _path(environ), exc)
-    response.head_sent = True
-    _send_error(sink, 408, b"Request Timeout", b"Request Timeout\n")
+    response.head_handed_over = True
+    _send_error(sink, 408, _REQUEST_TIMEOUT_BODY)
 
 
 def _too_late(environ: WSGIEnvironment, sink: Sink, waited: float) -> None:
@@ -350,22 +358,14 @@ def _too_late(environ: WSGIEnvironment, sink: Sink, waited: float) -> None:
             waited,
             count,
         )
-    _send_error(
-        sink, 503, b"Service Unavailable", b"Service Unavailable\n", (b"retry-after", RETRY_AFTER)
-    )
+    _send_error(sink, 503, _UNAVAILABLE_BODY, (b"Retry-After", RETRY_AFTER))
 
 
-def _send_error(
-    sink: Sink, status: int, reason: bytes, body: bytes, *extra: tuple[bytes, bytes]
-) -> None:
-    """Hand over a complete plain-text error response that closes the connection."""
-    head: Head = (
-        status,
-        reason,
-        [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close"), *extra],
-    )
+def _send_error(sink: Sink, status: int, body: bytes, *extra: tuple[bytes, bytes]) -> None:
+    """Hand over a complete plain-text error response that closes the connection (its head
+    from :func:`asyncwsgi.http11.error_response`, like every error the server makes)."""
     with contextlib.suppress(ClientDisconnected):
-        sink.send(head, [body], len(body), True)
+        sink.send(error_response(status, *extra), [body], len(body), True)
 
 
 def _path(environ: WSGIEnvironment) -> str:

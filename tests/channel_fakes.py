@@ -25,10 +25,11 @@ from typing import Any
 import pytest
 
 import asyncwsgi.channel
+import asyncwsgi.response
 import asyncwsgi.wsgi
 from asyncwsgi import Config
-from asyncwsgi.bridge import WorkerPool
-from asyncwsgi.channel import HTTPChannel, ServerState
+from asyncwsgi.channel import HTTPChannel
+from asyncwsgi.state import Pool, ServerState
 
 from .helpers import Reply, decode_replies
 
@@ -395,6 +396,7 @@ class ChannelFactory:
         self.threads: list[threading.Thread] = []
         clocked = _ClockedTime(self.clock)
         monkeypatch.setattr(asyncwsgi.channel, "time", clocked)
+        monkeypatch.setattr(asyncwsgi.response, "time", clocked)
         monkeypatch.setattr(asyncwsgi.wsgi, "time", clocked)
 
     def __call__(
@@ -408,7 +410,9 @@ class ChannelFactory:
         Must be called with an event loop running (an ``async def`` test): the channel takes
         the running loop, which the fake one then replaces.
         """
-        state = ServerState(config or Config(), app, typing.cast(WorkerPool, self.pool))
+        state = ServerState(
+            config or Config(), app, typing.cast(Pool, self.pool), clock=lambda: self.clock.now
+        )
         return ChannelHandle(self, state, peer)
 
     def close(self) -> None:

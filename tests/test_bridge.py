@@ -19,9 +19,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncwsgi.bridge import EMPTY_BODY, Head, RequestBody, ResponseSink, WorkerPool
+from asyncwsgi.bridge import EMPTY_BODY, RequestBody, ResponseSink
 from asyncwsgi.errors import ClientDisconnected
+from asyncwsgi.events import ResponseHead as Head
 from asyncwsgi.filewrapper import FileWrapper
+from asyncwsgi.pool import ThreadPool
 
 from .logwatch import watch_errors
 
@@ -29,7 +31,7 @@ TIMEOUT = 10.0
 #: The sink's and the body's own timeout: longer than a test waits, so that a lost wake-up fails
 #: the test (the worker is still blocked) instead of ending in a timeout error that looks alike.
 PATIENCE = 60.0
-HEAD: Head = (200, b"OK", [(b"Content-Type", b"text/plain")])
+HEAD = Head(200, b"OK", [(b"Content-Type", b"text/plain")])
 
 
 class FakeLoop:
@@ -150,6 +152,8 @@ class Target:
 
     def __init__(self) -> None:
         self.data: list[tuple[ResponseSink, Head | None, list[bytes], bool]] = []
+        #: The ``body_length`` of each delivery.
+        self.lengths: list[int | None] = []
         self.files: list[tuple[ResponseSink, Head, FileWrapper, int, int]] = []
         self.aborts: list[ResponseSink] = []
         self.continues = 0
@@ -157,10 +161,16 @@ class Target:
         self.threads: set[int] = set()
 
     def on_response_data(
-        self, sink: ResponseSink, head: Head | None, chunks: list[bytes], end: bool
+        self,
+        sink: ResponseSink,
+        head: Head | None,
+        chunks: list[bytes],
+        end: bool,
+        body_length: int | None,
     ) -> None:
         self.threads.add(threading.get_ident())
         self.data.append((sink, head, chunks, end))
+        self.lengths.append(body_length)
 
     def on_response_file(
         self, sink: ResponseSink, head: Head, wrapper: FileWrapper, offset: int, count: int
@@ -218,9 +228,9 @@ def target() -> Target:
 
 def test_send_below_high_water_does_not_wait(loop: FakeLoop, target: Target) -> None:
     sink, spy = make_sink(loop, target, high_water=100)
-    assert not sink.head_sent
+    assert not sink.head_handed_over
     sink.send(HEAD, [b"x" * 60], 60, False)
-    assert sink.head_sent
+    assert sink.head_handed_over
     sink.send(None, [b"y" * 40], 40, False)  # exactly at the mark: still no wait
     assert spy.waits == 0
     assert sink.handed == 100
@@ -232,12 +242,13 @@ def test_send_below_high_water_does_not_wait(loop: FakeLoop, target: Target) -> 
 
 
 def test_streamed_blocks_keep_streamed_framing(loop: FakeLoop, target: Target) -> None:
-    """Blocks merged into one delivery still end separately: no computed Content-Length."""
+    """Blocks merged into one delivery carry no body length: no computed Content-Length."""
     sink, _ = make_sink(loop, target, high_water=100)
     sink.send(HEAD, [b"a"], 1, False)
     sink.send(None, [b"b"], 1, True)
     assert loop.run_pending() == 1
-    assert target.data == [(sink, HEAD, [b"a", b"b"], False), (sink, None, [], True)]
+    assert target.data == [(sink, HEAD, [b"a", b"b"], True)]
+    assert target.lengths == [None]
 
 
 def test_block_after_a_delivery_schedules_another(loop: FakeLoop, target: Target) -> None:
@@ -257,6 +268,7 @@ def test_callbacks_run_on_the_loop_thread(loop: FakeLoop, target: Target) -> Non
     loop.run_pending()
     assert target.threads == {threading.get_ident()}
     assert target.data == [(sink, HEAD, [b"abc"], True)]
+    assert target.lengths == [3]  # the whole body came with its head
 
 
 def test_send_above_high_water_waits_until_written(loop: FakeLoop, target: Target) -> None:
@@ -272,7 +284,7 @@ def test_send_above_high_water_waits_until_written(loop: FakeLoop, target: Targe
     assert not worker.done.is_set()
     sink.written(100)  # 100 unsent: at the mark, the worker goes on
     worker.join()
-    assert sink.done == 200
+    assert sink.bytes_written == 200
     assert spy.waits == 2
 
 
@@ -309,7 +321,7 @@ def test_send_after_disconnect_raises(loop: FakeLoop, target: Target) -> None:
     with pytest.raises(ClientDisconnected):
         sink.send_file(HEAD, FileWrapper(None), 0, 10)
     assert loop.pending == 0
-    assert not sink.head_sent
+    assert not sink.head_handed_over
 
 
 def test_disconnect_wakes_a_blocked_worker(loop: FakeLoop, target: Target) -> None:
@@ -342,7 +354,7 @@ def test_send_file_hands_over_without_waiting(loop: FakeLoop, target: Target) ->
     sink, spy = make_sink(loop, target, high_water=10)
     wrapper = FileWrapper(None)
     sink.send_file(HEAD, wrapper, 7, 1_000_000)
-    assert sink.head_sent
+    assert sink.head_handed_over
     assert spy.waits == 0
     loop.run_pending()
     assert target.files == [(sink, HEAD, wrapper, 7, 1_000_000)]
@@ -365,7 +377,12 @@ def test_many_chunks_through_a_small_window(loop: FakeLoop) -> None:
         """Writes each chunk at once, as a transport with room would."""
 
         def on_response_data(
-            self, sink: ResponseSink, head: Head | None, chunks: list[bytes], end: bool
+            self,
+            sink: ResponseSink,
+            head: Head | None,
+            chunks: list[bytes],
+            end: bool,
+            body_length: int | None,
         ) -> None:
             received.extend(chunks)
             sink.written(sum(map(len, chunks)))
@@ -385,7 +402,7 @@ def test_many_chunks_through_a_small_window(loop: FakeLoop) -> None:
     worker.join()
     assert len(received) == count
     assert received[-1] == b"%063d" % (count - 1)
-    assert sink.handed == sink.done == 63 * count
+    assert sink.handed == sink.bytes_written == 63 * count
 
 
 # -- RequestBody ------------------------------------------------------------------------------
@@ -671,14 +688,14 @@ def test_client_disconnected_reports_disconnect_and_half_close(
 
 
 #: A stall interval no test outlasts: the pool's stall check never wakes a thread, so what the
-#: test sees comes from the wake-up in :meth:`WorkerPool.submit` alone.
+#: test sees comes from the wake-up in :meth:`ThreadPool.submit` alone.
 NEVER = 3600.0
 
 
 async def test_pool_runs_a_burst_of_calls_on_one_thread() -> None:
     """Calls submitted in one loop iteration wake one thread, which runs them all; the next
     burst finds it parked and wakes it again, instead of starting another."""
-    pool = WorkerPool(asyncio.get_running_loop(), 8, name="asyncwsgi_test", stall=NEVER)
+    pool = ThreadPool(asyncio.get_running_loop(), 8, name="asyncwsgi_test", stall=NEVER)
     try:
         ran: list[int] = []
         for _ in range(3):
@@ -696,7 +713,7 @@ async def test_pool_runs_a_burst_of_calls_on_one_thread() -> None:
 async def test_pool_never_loses_a_wake_up() -> None:
     """A call submitted while the only thread is going idle still runs: the thread parks, sees
     the call, and takes it, or the loop unparks it. The stall check cannot rescue a lost one."""
-    pool = WorkerPool(asyncio.get_running_loop(), 1, name="asyncwsgi_test", stall=NEVER)
+    pool = ThreadPool(asyncio.get_running_loop(), 1, name="asyncwsgi_test", stall=NEVER)
     try:
         for _ in range(300):
             done = threading.Event()
@@ -709,7 +726,7 @@ async def test_pool_never_loses_a_wake_up() -> None:
 async def test_pool_wakes_another_thread_for_a_call_stuck_behind_a_blocked_one() -> None:
     """Two calls submitted back to back, the first blocked: the second runs in another thread
     while the first still blocks, both when the pool starts one and when it unparks one."""
-    pool = WorkerPool(asyncio.get_running_loop(), 2, name="asyncwsgi_test")
+    pool = ThreadPool(asyncio.get_running_loop(), 2, name="asyncwsgi_test")
     try:
         for _ in range(20):
             release = threading.Event()
@@ -734,7 +751,7 @@ async def test_pool_wakes_another_thread_for_a_call_stuck_behind_a_blocked_one()
 
 
 async def test_pool_shutdown_runs_queued_calls_and_stops_every_thread() -> None:
-    pool = WorkerPool(asyncio.get_running_loop(), 4, name="asyncwsgi_test", stall=NEVER)
+    pool = ThreadPool(asyncio.get_running_loop(), 4, name="asyncwsgi_test", stall=NEVER)
     warm = threading.Event()
     pool.submit(warm.set)
     assert await asyncio.to_thread(warm.wait, TIMEOUT)
@@ -747,7 +764,7 @@ async def test_pool_shutdown_runs_queued_calls_and_stops_every_thread() -> None:
 
 
 async def test_pool_shutdown_runs_calls_no_thread_took() -> None:
-    pool = WorkerPool(asyncio.get_running_loop(), 4, name="asyncwsgi_test")
+    pool = ThreadPool(asyncio.get_running_loop(), 4, name="asyncwsgi_test")
     ran: list[int] = []
     pool.submit(ran.append, 1)  # shutdown starts before the loop wakes a thread for it
     assert pool.shutdown(TIMEOUT) == 0
@@ -758,7 +775,7 @@ async def test_pool_shutdown_runs_calls_no_thread_took() -> None:
 async def test_pool_thread_survives_whatever_a_call_raises(error: type[BaseException]) -> None:
     """A call raising SystemExit, KeyboardInterrupt... is logged, and the pool's only thread goes
     on to run the next calls: it is neither lost nor left counted as busy."""
-    pool = WorkerPool(asyncio.get_running_loop(), 1, name="asyncwsgi_test", stall=NEVER)
+    pool = ThreadPool(asyncio.get_running_loop(), 1, name="asyncwsgi_test", stall=NEVER)
     try:
         with watch_errors() as log:
             for _ in range(3):
@@ -779,7 +796,7 @@ async def test_pool_thread_survives_whatever_a_call_raises(error: type[BaseExcep
 async def test_pool_shutdown_survives_a_queued_call_that_raises_system_exit() -> None:
     """Calls that shutdown runs itself (no thread took them) may raise anything: the next
     queued call still runs, and shutdown returns normally."""
-    pool = WorkerPool(asyncio.get_running_loop(), 4, name="asyncwsgi_test")
+    pool = ThreadPool(asyncio.get_running_loop(), 4, name="asyncwsgi_test")
     ran: list[int] = []
 
     def leave() -> None:
@@ -853,7 +870,7 @@ async def test_pool_park_and_wake_interleaved_never_fail() -> None:
     loop = asyncio.get_running_loop()
     loop_errors: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _, context: loop_errors.append(context))
-    pool = WorkerPool(loop, 1, name="asyncwsgi_test", stall=NEVER)
+    pool = ThreadPool(loop, 1, name="asyncwsgi_test", stall=NEVER)
     parked = _ParkedList()
     probe = _ProbeLock(threading.get_ident())
     pool._parked = parked  # type: ignore[assignment]
@@ -913,7 +930,7 @@ async def test_pool_runs_a_call_submitted_after_shutdown() -> None:
     """A call submitted once shutdown has stopped the threads (a file body's close() after its
     connection was cut, say) still runs, in a thread started for it, instead of waiting forever
     behind a pool that counted its ended threads as still there."""
-    pool = WorkerPool(asyncio.get_running_loop(), 2, name="asyncwsgi_test", stall=NEVER)
+    pool = ThreadPool(asyncio.get_running_loop(), 2, name="asyncwsgi_test", stall=NEVER)
     warm = threading.Event()
     pool.submit(warm.set)
     assert await asyncio.to_thread(warm.wait, TIMEOUT)
@@ -938,7 +955,7 @@ async def test_pool_thread_that_fails_to_start_is_retried(monkeypatch: pytest.Mo
         start(self)
 
     monkeypatch.setattr(threading.Thread, "start", flaky_start)
-    pool = WorkerPool(asyncio.get_running_loop(), 1, name="asyncwsgi_test")
+    pool = ThreadPool(asyncio.get_running_loop(), 1, name="asyncwsgi_test")
     try:
         with watch_errors() as log:
             done = threading.Event()
@@ -967,7 +984,7 @@ async def test_pool_thread_that_fails_outside_a_call_is_replaced() -> None:
                 raise MemoryError("injected")
             return super().popleft()
 
-    pool = WorkerPool(asyncio.get_running_loop(), 1, name="asyncwsgi_test")
+    pool = ThreadPool(asyncio.get_running_loop(), 1, name="asyncwsgi_test")
     pool._calls = FlakyQueue()
     try:
         with watch_errors() as log:

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
-from asyncwsgi.config import UNLIMITED, BindSpec, Config, KiB, MiB, parse_bind
+from asyncwsgi.config import BindSpec, Config, KiB, MiB, parse_bind
 from asyncwsgi.errors import AsyncWSGIError, ConfigError
+from asyncwsgi.state import request_limits
+from asyncwsgi.strict import UNLIMITED, RequestLimits
 
 from . import apps
 from .helpers import decode_replies, exchange, running
@@ -194,28 +196,19 @@ def test_edge_values_are_accepted(options: dict[str, Any]) -> None:
 
 
 def test_zero_limits_mean_no_limit() -> None:
-    """``limit_request_*=0`` is no limit, as in gunicorn; the fields keep the value given."""
-    config = Config(
-        limit_request_line=0,
-        limit_request_fields=0,
-        limit_request_field_size=0,
-        limit_request_head=0,
-    )
-    assert config.max_request_line == UNLIMITED
-    assert config.max_request_fields == UNLIMITED
-    assert config.max_field_size == UNLIMITED
-    assert config.max_request_head == UNLIMITED
-    assert config.limit_request_line == 0
-    config = Config(
-        limit_request_line=100,
-        limit_request_fields=3,
-        limit_request_field_size=200,
-        limit_request_head=300,
-    )
-    assert config.max_request_line == 100
-    assert config.max_request_fields == 3
-    assert config.max_field_size == 200
-    assert config.max_request_head == 300
+    """``limit_request_*=0`` means no limit, as in gunicorn; the defaults are limits."""
+    zeros = {
+        "limit_request_line": 0,
+        "limit_request_fields": 0,
+        "limit_request_field_size": 0,
+        "limit_request_head": 0,
+        "limit_request_body": 0,
+    }
+    assert request_limits(Config(**zeros)) == RequestLimits.of(0, 0, 0, 0, 0)
+    assert set(request_limits(Config(**zeros))) == {UNLIMITED}
+    limits = request_limits(Config(limit_request_line=100, limit_request_field_size=200))
+    assert (limits.request_line, limits.field_size) == (100, 200)
+    assert request_limits(Config()) == RequestLimits(8190, 100, 8190, 64 * KiB, UNLIMITED)
 
 
 # -- limits of 0 over real sockets -------------------------------------------------------------

@@ -15,10 +15,24 @@ from typing import Any
 
 import pytest
 
+from asyncwsgi import _h11
+
 from .apps import environ_app, hello, stream
 from .helpers import TIMEOUT, decode_replies, exchange, require_program, running
 
 CLOSE = b"Connection: close\r\n"
+
+#: Giving h11 a valid chunk-size line it refuses, in a form it takes, needs h11's buffer
+#: (asyncwsgi/_h11.py). With ASYNCWSGI_H11_PUBLIC_ONLY=1 (CI runs this file so too) such a
+#: line is refused with 400 instead: the server fails closed.
+CHUNK_LINE_REWRITE = _h11.PEEK_BUFFER
+
+
+async def statuses(raw: bytes) -> list[int]:
+    """Send ``raw`` to the environ app; return the status of each reply."""
+    async with running(environ_app) as srv:
+        data = await exchange(srv.port, raw)
+    return [reply.status for reply in decode_replies(data)]
 
 
 async def served(raw: bytes, count: int = 1) -> list[dict[str, object]]:
@@ -70,10 +84,14 @@ async def test_empty_transfer_encoding_elements_are_ignored(fields: bytes) -> No
 
 async def test_whitespace_before_a_chunk_extension_is_accepted() -> None:
     """RFC 9112 section 7.1.1: BWS before ``;`` in a chunk extension (h11 answers 400)."""
-    (environ,) = await served(
+    raw = (
         b"POST / HTTP/1.1\r\nHost: x\r\n" + CLOSE + b"Transfer-Encoding: chunked\r\n\r\n"
         b"5 ;a=b\r\nhello\r\n6\t; c\r\n world\r\n0\r\n\r\n"
     )
+    if not CHUNK_LINE_REWRITE:
+        assert await statuses(raw) == [400]
+        return
+    (environ,) = await served(raw)
     assert environ["body"] == "hello world"
 
 
@@ -102,7 +120,7 @@ async def test_leading_zeros_in_lengths_are_accepted() -> None:
     """Any number of leading zeros in a Content-Length or a chunk size, as long as the value is
     within 20 digits (h11 refuses more than 20 digits, zeros included)."""
     zeros = b"0" * 30
-    environs = await served(
+    raw = (
         b"POST /cl HTTP/1.1\r\nHost: x\r\nContent-Length: " + zeros + b"5\r\n\r\nhello"
         b"POST /te HTTP/1.1\r\nHost: x\r\n"
         + CLOSE
@@ -110,9 +128,13 @@ async def test_leading_zeros_in_lengths_are_accepted() -> None:
         + zeros
         + b"5\r\nhello\r\n"
         + zeros
-        + b"\r\n\r\n",
-        count=2,
+        + b"\r\n\r\n"
     )
+    if not CHUNK_LINE_REWRITE:
+        # The head's Content-Length is rewritten through h11's public API; the chunk size not.
+        assert await statuses(raw) == [200, 400]
+        return
+    environs = await served(raw, count=2)
     assert [(e["PATH_INFO"], e["body"]) for e in environs] == [("/cl", "hello"), ("/te", "hello")]
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from asyncwsgi import Config, Server
-from asyncwsgi.channel import ServerState
+from asyncwsgi.state import ServerState
 from asyncwsgi.wsgi import run_wsgi
 
 from . import apps
@@ -88,7 +88,7 @@ class Pipeline:
             if channel.transport is not None:
                 unsent = channel.transport.get_write_buffer_size()
                 if channel.cycle is not None and channel.cycle.sink is not None:
-                    unsent += channel.cycle.sink.handed - channel.cycle.sink.done
+                    unsent += channel.cycle.sink.handed - channel.cycle.sink.bytes_written
                 self.buffered.append(unsent)
 
     def __call__(self, environ: Environ, start_response: Any) -> Iterable[bytes]:

@@ -78,8 +78,8 @@ Deliberate differences from gunicorn (case: gunicorn's outcome -> ours; reason):
         "refuse" is not implemented); framing comes from Content-Length or Transfer-Encoding
         alone, so nothing is ambiguous.
     invalid/limit_header_default_01: 431 -> served. limit_request_field_size=0 means no limit
-        for us (Config.max_field_size) below the 64 KiB head limit; gunicorn bounds its header
-        buffer by 8190 bytes a field even then.
+        for us, below the 64 KiB head limit, as gunicorn documents it; gunicorn's code applies
+        8190 bytes a field even then.
 
 Other statuses: invalid/version_02 (HTTP/2.0, well formed) gets 505 (RFC 9110 section 15.6.6).
 invalid/rfc9112_chunked_missing_final_crlf_01 has a complete, valid head, so the application is

@@ -20,6 +20,7 @@ from asyncwsgi.environ import (
     environ_key,
 )
 from asyncwsgi.filewrapper import FileWrapper
+from asyncwsgi.http11 import to_request
 
 
 def base(
@@ -28,13 +29,15 @@ def base(
     url_scheme: str = "http",
     multiprocess: bool = False,
 ) -> dict[str, Any]:
-    return connection_environ(
+    shared = connection_environ(
         server=("127.0.0.1", 8000),
-        peer=peer,
         url_scheme=url_scheme,
         root_path=root_path,
         multiprocess=multiprocess,
     )
+    if peer is not None:  # as the channel sets them per request
+        shared["REMOTE_ADDR"], shared["REMOTE_PORT"] = peer[0], str(peer[1])
+    return shared
 
 
 def environ_for(
@@ -48,8 +51,8 @@ def environ_for(
     all_headers = list(headers)
     if http_version == b"1.1" and not any(name.lower() == b"host" for name, _ in all_headers):
         all_headers.insert(0, (b"Host", b"example.com"))
-    request = h11.Request(
-        method=method, target=target, headers=all_headers, http_version=http_version
+    request = to_request(
+        h11.Request(method=method, target=target, headers=all_headers, http_version=http_version)
     )
     return build_environ(base(root_path=root_path), request, body)
 
@@ -268,7 +271,6 @@ def test_server_protocol(version: bytes, protocol: str) -> None:
 def test_connection_environ_for_https_unix_and_multiprocess() -> None:
     shared = connection_environ(
         server=("/run/app.sock", 0),
-        peer=None,
         url_scheme="https",
         root_path="/mount",
         multiprocess=True,
@@ -285,7 +287,9 @@ def test_connection_environ_for_https_unix_and_multiprocess() -> None:
 def test_build_environ_does_not_change_the_shared_dict() -> None:
     shared = base()
     before = dict(shared)
-    request = h11.Request(method="GET", target="/x?y=1", headers=[("Host", "h"), ("Cookie", "a=1")])
+    request = to_request(
+        h11.Request(method="GET", target="/x?y=1", headers=[("Host", "h"), ("Cookie", "a=1")])
+    )
     first = build_environ(shared, request, EMPTY_BODY)
     second = build_environ(shared, request, EMPTY_BODY)
     assert shared == before

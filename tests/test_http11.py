@@ -15,14 +15,16 @@ import pytest
 
 from asyncwsgi.config import Config
 from asyncwsgi.errors import RequestRejected
-from asyncwsgi.http11 import PAUSED, ServerConnection, reason_phrase
+from asyncwsgi.events import ConnectionClosed, Data, EndOfMessage, Request
+from asyncwsgi.http11 import PAUSED, ServerConnection, error_response, reason_phrase
+from asyncwsgi.state import request_limits
 
 DATE = (b"Date", b"Sun, 06 Nov 1994 08:49:37 GMT")
 SERVER = (b"Server", b"asyncwsgi")
 
 
 def server(server_header: tuple[bytes, bytes] | None = SERVER, **options: Any) -> ServerConnection:
-    return ServerConnection(Config(**options), server_header)
+    return ServerConnection(request_limits(Config(**options)), server_header)
 
 
 def request_bytes(
@@ -66,7 +68,7 @@ def header_values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[b
 
 
 def body_of(events: Iterable[Any]) -> bytes:
-    return b"".join(bytes(event.data) for event in events if type(event) is h11.Data)
+    return b"".join(bytes(event.data) for event in events if type(event) in (h11.Data, Data))
 
 
 def respond(
@@ -86,10 +88,10 @@ def respond(
     return head + data + tail
 
 
-def first_request(events: Sequence[object]) -> h11.Request:
+def first_request(events: Sequence[object]) -> Request:
     """The first event, which must be the request head."""
     request = events[0]
-    assert type(request) is h11.Request
+    assert type(request) is Request
     return request
 
 
@@ -108,7 +110,7 @@ def test_get_request_gives_request_and_end_of_message() -> None:
     events = conn.receive_data(
         request_bytes(client, "GET", "/path?q=1", [("Accept", "text/plain")])
     )
-    assert [type(event) for event in events] == [h11.Request, h11.EndOfMessage]
+    assert [type(event) for event in events] == [Request, EndOfMessage]
     request = first_request(events)
     assert request.method == b"GET"
     assert request.target == b"/path?q=1"
@@ -124,13 +126,13 @@ def test_post_with_content_length_body_arriving_in_pieces() -> None:
     data = request_bytes(client, "POST", "/", [("Content-Length", "11")], b"hello world")
     head_end = data.index(b"\r\n\r\n") + 4
     events = conn.receive_data(data[:head_end])
-    assert [type(event) for event in events] == [h11.Request]
+    assert [type(event) for event in events] == [Request]
     assert not conn.request_complete
     events = conn.receive_data(data[head_end : head_end + 5])
-    assert [type(event) for event in events] == [h11.Data]
+    assert [type(event) for event in events] == [Data]
     assert not conn.request_complete
     events += conn.receive_data(data[head_end + 5 :])
-    assert type(events[-1]) is h11.EndOfMessage
+    assert type(events[-1]) is EndOfMessage
     assert body_of(events) == b"hello world"
     assert conn.request_complete
 
@@ -153,15 +155,15 @@ def test_chunked_request_body_is_decoded() -> None:
     data += end
     assert b"5\r\nhello\r\n" in data  # really chunked on the wire
     events = conn.receive_data(data)
-    assert type(events[0]) is h11.Request
-    assert type(events[-1]) is h11.EndOfMessage
+    assert type(events[0]) is Request
+    assert type(events[-1]) is EndOfMessage
     assert body_of(events) == b"hello chunked world"
     assert conn.request_complete
 
 
 def test_eof_while_idle_gives_connection_closed() -> None:
     conn = server()
-    assert [type(event) for event in conn.receive_data(b"")] == [h11.ConnectionClosed]
+    assert [type(event) for event in conn.receive_data(b"")] == [ConnectionClosed]
 
 
 def test_keep_alive_cycles() -> None:
@@ -187,7 +189,7 @@ def test_pipelined_requests_pause_until_next_cycle() -> None:
     second = request_bytes(h11.Connection(h11.CLIENT), "GET", "/second")
     conn = server()
     events = conn.receive_data(first + second)
-    assert [type(event) for event in events[:2]] == [h11.Request, h11.EndOfMessage]
+    assert [type(event) for event in events[:2]] == [Request, EndOfMessage]
     assert first_request(events).target == b"/first"
     assert events[-1] is PAUSED
     # Still paused until the first response is complete.
@@ -196,7 +198,7 @@ def test_pipelined_requests_pause_until_next_cycle() -> None:
     assert conn.keep_alive
     conn.start_next_cycle()
     events = conn.next_events()
-    assert [type(event) for event in events] == [h11.Request, h11.EndOfMessage]
+    assert [type(event) for event in events] == [Request, EndOfMessage]
     assert first_request(events).target == b"/second"
 
 
@@ -234,11 +236,11 @@ def test_pipelined_request_body_is_not_checked_as_a_head() -> None:
     respond(conn, b"", content_length=0)
     conn.start_next_cycle()
     events = conn.next_events()
-    assert [type(event) for event in events] == [h11.Request]
+    assert [type(event) for event in events] == [Request]
     assert first_request(events).target == b"/upload"
     events = conn.receive_data(b"a" * 9000)
     assert body_of(events) == b"a" * 9000
-    assert type(events[-1]) is h11.EndOfMessage
+    assert type(events[-1]) is EndOfMessage
 
 
 def test_100_continue() -> None:
@@ -253,7 +255,7 @@ def test_100_continue() -> None:
     )
     assert head is not None
     events = conn.receive_data(head)
-    assert [type(event) for event in events] == [h11.Request]
+    assert [type(event) for event in events] == [Request]
     assert conn.they_are_waiting_for_100_continue
 
     interim = conn.send_continue()
@@ -730,19 +732,19 @@ def test_idle_connection_releases_its_h11_state_and_revives() -> None:
     """An idle keep-alive connection frees its h11 objects and parses the next request."""
     conn = server()
     (request, _end) = conn.receive_data(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert isinstance(request, h11.Request)
+    assert isinstance(request, Request)
     assert not conn.release_if_idle()  # a request is in flight
     conn.send_response(200, b"OK", [(b"Content-Length", b"1")], None)
     conn.send_data(b"x")
     assert conn.send_end() == b""
     conn.start_next_cycle()
-    before = conn.h11_connection
+    before = conn._conn
     assert conn.release_if_idle()
     assert not conn.has_unparsed_data
     events = conn.receive_data(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert isinstance(events[0], h11.Request)
+    assert isinstance(events[0], Request)
     assert events[0].target == b"/b"
-    assert conn.h11_connection is not before
+    assert conn._conn is not before
 
 
 def test_connection_with_pipelined_bytes_is_not_released() -> None:
@@ -753,3 +755,38 @@ def test_connection_with_pipelined_bytes_is_not_released() -> None:
     conn.start_next_cycle()
     assert conn.has_unparsed_data
     assert not conn.release_if_idle()
+
+
+def test_zero_limits_mean_no_limit() -> None:
+    """``limit_request_*=0`` means no limit (gunicorn's meaning), where 0 used to mean 64 KiB."""
+    line = b"GET /" + b"a" * (70 * 1024) + b" HTTP/1.1\r\n"
+    fields = b"".join(b"X-%d: v\r\n" % i for i in range(150))
+    head = line + b"Host: x\r\n" + fields + b"X-Big: " + b"b" * (70 * 1024) + b"\r\n\r\n"
+    conn = server(
+        limit_request_line=0,
+        limit_request_fields=0,
+        limit_request_field_size=0,
+        limit_request_head=0,
+    )
+    events = conn.receive_data(head)
+    assert len(first_request(events).target) == 70 * 1024 + 1
+    with pytest.raises(RequestRejected) as excinfo:
+        server().receive_data(head)
+    assert excinfo.value.status == 414  # the defaults are limits
+
+
+def test_error_response_during_shutdown_has_one_connection_close() -> None:
+    """A server-made error (a 500 from the pool thread) answered while shutting down carries
+    ``Connection: close`` once, not once from its head and once for the shutdown."""
+    conn = server()
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = error_response(500)
+    data = conn.send_response(head.status, head.reason, head.headers, DATE, 22, close=True)
+    assert header_values(h11_headers(data), b"connection") == [b"close"]
+    assert [name for name, _ in h11_headers(data)] == [
+        b"Content-Type",
+        b"Connection",
+        b"Content-Length",
+        b"Date",
+        b"Server",
+    ]

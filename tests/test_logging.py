@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from asyncwsgi import Config, ConfigError, accesslog
-from asyncwsgi.accesslog import AccessEntry, AccessFormat
+from asyncwsgi.accesslog import AccessFormat, AccessRecord
 from asyncwsgi.logs import (
     access_logger,
     error_logger,
@@ -41,7 +41,7 @@ from .test_cli import (
 GUNICORN_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(D)s'
 
 
-def entry(**changes: Any) -> AccessEntry:
+def entry(**changes: Any) -> AccessRecord:
     values: dict[str, Any] = {
         "client": "127.0.0.1:50000",
         "environ": {
@@ -67,7 +67,7 @@ def entry(**changes: Any) -> AccessEntry:
         "duration": 1.5,
     }
     values.update(changes)
-    return AccessEntry(**values)
+    return AccessRecord(**values)
 
 
 # -- atoms ------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def test_only_the_named_atoms_are_computed(monkeypatch: pytest.MonkeyPatch) -> N
     calls: list[str] = []
     for name, (key, text, value) in list(accesslog.ATOMS.items()):
 
-        def counting(e: AccessEntry, name: str = name, text: Any = text) -> Any:
+        def counting(e: AccessRecord, name: str = name, text: Any = text) -> Any:
             calls.append(name)
             return text(e)
 
@@ -229,9 +229,9 @@ async def test_json_over_sockets(caplog: pytest.LogCaptureFixture) -> None:
 async def test_disabled_access_logger_computes_nothing(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rendered: list[AccessEntry] = []
+    rendered: list[AccessRecord] = []
 
-    def render(self: AccessFormat, access: AccessEntry) -> str:
+    def render(self: AccessFormat, access: AccessRecord) -> str:
         rendered.append(access)
         return ""
 

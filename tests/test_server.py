@@ -460,7 +460,7 @@ async def test_slow_app_pauses_reading(monkeypatch: pytest.MonkeyPatch) -> None:
         send = asyncio.ensure_future(_send_zeros(writer, size))
         assert await asyncio.to_thread(paused.wait, TIMEOUT)
         (channel,) = srv.server.state.channels
-        assert channel._paused  # the transport stopped reading
+        assert channel._reading_paused_by  # the transport stopped reading
         assert not send.done()  # the client is held back by TCP flow control
         release.set()
         await asyncio.wait_for(send, TIMEOUT)
@@ -623,7 +623,7 @@ async def test_graceful_shutdown_serves_the_request_of_a_connection_it_just_acce
 
     def counting_connection_made(self: HTTPChannel, transport: Any) -> None:
         connection_made(self, transport)
-        if len(self.state.channels) == 2:
+        if len(self.server.channels) == 2:
             accepted.set()
 
     def watched_idle_after_response(self: HTTPChannel) -> bool:

@@ -17,17 +17,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import h11
 import pytest
 
-from asyncwsgi import http11
+from asyncwsgi import _h11
 from asyncwsgi.config import Config
 from asyncwsgi.errors import RequestRejected
+from asyncwsgi.events import END_OF_MESSAGE, Data, EndOfMessage, Request
 from asyncwsgi.http11 import PAUSED, ServerConnection
 from asyncwsgi.logs import escape
+from asyncwsgi.state import request_limits
 from asyncwsgi.wsgi import ResponseError, _encode_head, _path
 
-ZERO_COPY_AVAILABLE = http11._PEEK_BUFFER
+#: Whether the checks may read h11's private buffer: the installed h11 has it, and
+#: ``ASYNCWSGI_H11_PUBLIC_ONLY=1`` does not forbid it (CI runs this file both ways).
+ZERO_COPY_AVAILABLE = _h11.PEEK_BUFFER
 
 HEAD = b"POST /upload HTTP/1.1\r\nHost: example.com\r\n"
 CHUNKED = HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
@@ -36,22 +39,24 @@ SMUGGLED = b"GET /admin HTTP/1.1\r\nHost: example.com\r\n\r\n"
 
 @pytest.fixture(autouse=True, params=["zero-copy", "trailing_data"])
 def peek_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run each test over both ways the checks read the bytes h11 has not parsed yet."""
-    monkeypatch.setattr(http11, "_PEEK_BUFFER", request.param == "zero-copy")
-    mode: str = request.param
-    return mode
+    """Run each test over both ways the checks read the bytes h11 has not parsed yet; with
+    ``ASYNCWSGI_H11_PUBLIC_ONLY=1``, both runs take the public way, and the tests expect its
+    outcomes."""
+    zero_copy = request.param == "zero-copy" and ZERO_COPY_AVAILABLE
+    monkeypatch.setattr(_h11, "PEEK_BUFFER", zero_copy)
+    return "zero-copy" if zero_copy else "trailing_data"
 
 
 def server(**options: Any) -> ServerConnection:
-    return ServerConnection(Config(**options), None)
+    return ServerConnection(request_limits(Config(**options)), None)
 
 
 def targets(events: list[Any]) -> list[bytes]:
-    return [event.target for event in events if type(event) is h11.Request]
+    return [event.target for event in events if type(event) is Request]
 
 
 def body_of(events: list[Any]) -> bytes:
-    return b"".join(bytes(event.data) for event in events if type(event) is h11.Data)
+    return b"".join(bytes(event.data) for event in events if type(event) is Data)
 
 
 def feed(conn: ServerConnection, *pieces: bytes) -> tuple[list[Any], RequestRejected | None]:
@@ -159,7 +164,7 @@ def test_waitress_cve_2019_16785_bare_lf_line_endings(pieces: tuple[bytes, ...])
     exc, events = rejected(*pieces)
     assert exc.status == 400
     assert SMUGGLED not in b"".join(pieces) or targets(events) == []
-    assert all(type(event) is not h11.EndOfMessage for event in events)
+    assert all(type(event) is not EndOfMessage for event in events)
 
 
 @pytest.mark.parametrize(
@@ -278,7 +283,7 @@ def test_waitress_cve_2022_24761_valid_chunk_extensions_pass() -> None:
         b"00006;x = y ;z\r\n world\r\n000\r\n\r\n"
     )
     assert body_of(events) == b"hello world"
-    assert type(events[-1]) is h11.EndOfMessage
+    assert type(events[-1]) is EndOfMessage
 
 
 @pytest.mark.parametrize(
@@ -384,7 +389,7 @@ def test_h11_cve_2025_43859_lenient_chunk_terminator(pieces: tuple[bytes, ...]) 
     assert exc is not None
     assert exc.status == 400
     assert exc.reason == "chunk data not followed by CRLF"  # our check, not only h11's
-    assert all(type(event) is not h11.EndOfMessage for event in events)
+    assert all(type(event) is not EndOfMessage for event in events)
     assert targets(events) == []
 
 
@@ -392,13 +397,14 @@ def test_h11_cve_2025_43859_lenient_chunk_terminator(pieces: tuple[bytes, ...]) 
 
 
 def test_zero_copy_view_is_h11_receive_buffer(peek_mode: str) -> None:
-    """The checks read h11's own buffer without a copy (the installed h11 allows it)."""
-    assert ZERO_COPY_AVAILABLE
+    """The checks read h11's own buffer without a copy (the installed h11 allows it), unless
+    ``ASYNCWSGI_H11_PUBLIC_ONLY=1`` forbids it."""
+    assert ZERO_COPY_AVAILABLE is not _h11.PUBLIC_ONLY
     conn = server()
     conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /next HT")
-    assert bytes(conn._unparsed()) == conn.h11_connection.trailing_data[0] == b"GET /next HT"
+    assert bytes(conn._unparsed()) == conn._conn.trailing_data[0] == b"GET /next HT"
     if peek_mode == "zero-copy":
-        assert conn._unparsed() is conn.h11_connection._receive_buffer._data
+        assert conn._unparsed() is conn._conn._receive_buffer._data
 
 
 def test_every_pipelined_head_is_checked() -> None:
@@ -424,7 +430,7 @@ def test_pipelined_chunked_requests_are_checked_each() -> None:
     events = conn.receive_data(ok + ok + CHUNKED + b"3 \r\nabc\r\n0\r\n\r\n")
     statuses = []
     for _ in range(3):
-        assert events[-1] is PAUSED or type(events[-1]) is h11.EndOfMessage
+        assert events[-1] is PAUSED or type(events[-1]) is EndOfMessage
         conn.send_response(204, b"No Content", [], None)
         conn.send_end()
         conn.start_next_cycle()
@@ -447,7 +453,7 @@ def test_chunked_body_one_byte_at_a_time() -> None:
     for i in range(len(body)):
         events += conn.receive_data(body[i : i + 1])
     assert body_of(events) == b"hello world"
-    assert type(events[-1]) is h11.EndOfMessage
+    assert type(events[-1]) is EndOfMessage
     assert list(events[-1].headers) == [(b"x-checksum", b"abc"), (b"x-other", b"d")]
 
     bad = body.replace(b"name=value", b"name=va\x7flue")
@@ -481,7 +487,7 @@ def test_trailer_section_is_checked_like_a_head(trailers: bytes, status: int) ->
     assert events == []
     # Limits that the section is within: accepted.
     events = accepted(CHUNKED + b"5\r\nhello\r\n0\r\nX: a\r\nY: b\r\n\r\n", limit_request_fields=2)
-    assert type(events[-1]) is h11.EndOfMessage
+    assert type(events[-1]) is EndOfMessage
 
 
 @pytest.mark.parametrize(
@@ -572,7 +578,7 @@ def test_head_and_request_line_checks(raw: bytes, status: int) -> None:
 def test_valid_requests_pass(raw: bytes) -> None:
     events = accepted(raw)
     assert len(targets(events)) == 1
-    assert type(events[-1]) is h11.EndOfMessage
+    assert type(events[-1]) is EndOfMessage
 
 
 @pytest.mark.parametrize(
@@ -609,7 +615,7 @@ def test_valid_framing_that_h11_refuses_is_accepted(raw: bytes, body: bytes) -> 
     events = conn.receive_data(raw + SMUGGLED)
     assert targets(events) == [b"/upload"]
     assert body_of(events) == body
-    assert events[-2:] == [h11.EndOfMessage(), PAUSED]
+    assert events[-2:] == [END_OF_MESSAGE, PAUSED]
     conn.send_response(200, b"OK", [], None, content_length=0)
     conn.send_end()
     conn.start_next_cycle()
@@ -621,7 +627,7 @@ def test_http_1_minor_versions_above_1_are_served_as_http_1_1() -> None:
     Host required), and answered with HTTP/1.1."""
     conn = server()
     events = conn.receive_data(b"GET /a HTTP/1.2\r\nHost: x\r\n\r\n" + SMUGGLED)
-    assert [event.http_version for event in events if type(event) is h11.Request] == [b"1.1"]
+    assert [event.http_version for event in events if type(event) is Request] == [b"1.1"]
     head = conn.send_response(200, b"OK", [], None, content_length=0)
     assert head.startswith(b"HTTP/1.1 200 ")
     conn.send_end()
@@ -643,7 +649,7 @@ def test_empty_lines_before_the_request_line_are_ignored(pieces: tuple[bytes, ..
     request line; h11 refuses it. A bare CR or LF there stays refused (see above)."""
     events = accepted(*pieces)
     assert targets(events) == [b"/a"]
-    assert type(events[-1]) is h11.EndOfMessage
+    assert type(events[-1]) is EndOfMessage
 
 
 def test_empty_line_after_a_body_before_a_pipelined_request_is_ignored() -> None:
@@ -681,11 +687,11 @@ def test_valid_chunk_lines_that_h11_refuses(line: bytes, peek_mode: str) -> None
     if peek_mode == "zero-copy":
         assert exc is None
         assert body_of(events) == b"hello"
-        assert events[-2:] == [h11.EndOfMessage(), PAUSED]
+        assert events[-2:] == [END_OF_MESSAGE, PAUSED]
     else:
         assert exc is not None
         assert exc.status == 400
-        assert all(type(event) is not h11.EndOfMessage for event in events)
+        assert all(type(event) is not EndOfMessage for event in events)
 
 
 def test_chunk_size_over_20_hex_digits_without_zeros_is_refused() -> None:
@@ -741,7 +747,7 @@ def test_bytes_after_a_closing_request_are_ignored() -> None:
         conn = server()
         events = conn.receive_data(head + b"\r\n" + SMUGGLED)
         assert targets(events) == [b"/first"]
-        assert type(events[-1]) is h11.EndOfMessage
+        assert type(events[-1]) is EndOfMessage
         assert conn.receive_data(SMUGGLED) == []
         assert conn.receive_data(b"") == []
         conn.send_response(200, b"OK", [], None, content_length=0)

@@ -20,12 +20,14 @@ from wsgiref.validate import validator
 import h11
 import pytest
 
-from asyncwsgi.bridge import EMPTY_BODY, Head
+from asyncwsgi.bridge import EMPTY_BODY
 from asyncwsgi.config import Config
 from asyncwsgi.environ import build_environ, connection_environ
 from asyncwsgi.errors import ClientDisconnected
+from asyncwsgi.events import ResponseHead as Head
 from asyncwsgi.filewrapper import FileWrapper
-from asyncwsgi.http11 import ServerConnection
+from asyncwsgi.http11 import ServerConnection, to_request
+from asyncwsgi.state import request_limits
 from asyncwsgi.wsgi import run_wsgi
 
 App = Callable[[dict[str, Any], Any], Iterable[bytes]]
@@ -94,12 +96,13 @@ def make_environ(
 ) -> dict[str, Any]:
     base = connection_environ(
         server=("127.0.0.1", 8000),
-        peer=("127.0.0.1", 50000),
         url_scheme="http",
         root_path="",
         multiprocess=False,
     )
-    request = h11.Request(method=method, target=target, headers=[(b"host", b"localhost")])
+    request = to_request(
+        h11.Request(method=method, target=target, headers=[(b"host", b"localhost")])
+    )
     environ = build_environ(base, request, body)
     environ.update(extra or {})
     return environ
@@ -153,7 +156,7 @@ def assert_500(sink: FakeSink) -> None:
     status, reason, headers = head
     assert status == 500
     assert reason == b"Internal Server Error"
-    assert (b"connection", b"close") in headers
+    assert (b"Connection", b"close") in headers
     assert end
     assert b"".join(chunks).startswith(b"Internal Server Error")
     assert nbytes == len(b"".join(chunks))
@@ -447,7 +450,7 @@ def test_every_head_handed_over_can_be_serialised(
     sink = FakeSink()
     run(app, sink)
     code, reason, encoded = sink.head
-    conn = ServerConnection(Config(), None)
+    conn = ServerConnection(request_limits(Config()), None)
     conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     conn.send_response(code, reason, list(encoded), None, len(sink.body))
     if code == 500:
@@ -873,7 +876,7 @@ def test_client_timeout_before_the_head_is_408_and_close_called_once(
     assert end
     assert head is not None
     assert head[0] == 408
-    assert (b"connection", b"close") in head[2]
+    assert (b"Connection", b"close") in head[2]
     assert b"".join(chunks) == b"Request Timeout\n"
     assert not errors()  # a client timing out is not an application error
 
@@ -937,8 +940,8 @@ def test_request_that_waited_too_long_for_a_thread_gets_503_without_calling_the_
     assert head is not None
     assert head[0] == 503
     assert end
-    assert (b"retry-after", b"1") in head[2]
-    assert (b"connection", b"close") in head[2]
+    assert (b"Retry-After", b"1") in head[2]
+    assert (b"Connection", b"close") in head[2]
     assert b"".join(chunks) == b"Service Unavailable\n"
     assert any("GET /late waited" in r.getMessage() for r in caplog.records)
     # Within the limit, or with the check off, the app runs.
