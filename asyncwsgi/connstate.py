@@ -31,19 +31,21 @@ for that long is cut. Everything here runs on the loop thread.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .logs import error_logger
 
 if TYPE_CHECKING:
     from .bridge import RequestBody, ResponseSink
-    from .channel import HTTPChannel
     from .config import Config
     from .events import Request
+    from .http11 import ServerConnection
+    from .sendfile import FileSender
 
-__all__ = ["ConnState", "TRANSITIONS", "RequestCycle", "TimeoutPolicy"]
+__all__ = ["ConnState", "TRANSITIONS", "RequestCycle", "TimeoutPolicy", "TimedConnection"]
 
 
 class ConnState(enum.IntEnum):
@@ -129,6 +131,30 @@ class RequestCycle:
         self.response_headers: list[tuple[bytes, bytes]] | None = None
 
 
+class TimedConnection(Protocol):
+    """What :class:`TimeoutPolicy` reads and calls of a connection (implemented by
+    :class:`~asyncwsgi.channel.HTTPChannel`), so that this module does not import the channel.
+    Loop thread only."""
+
+    conn: ServerConnection
+    transport: asyncio.Transport | None
+    state: ConnState
+    state_since: float | None
+    cycle: RequestCycle | None
+    file_sender: FileSender | None
+    client: str
+    bytes_written: int
+    stall_size: int
+    stall_drained: int
+    stall_since: float
+
+    def set_state(self, state: ConnState, since: float | None = None) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    def head_timeout(self) -> None: ...
+    def request_timeout(self, cycle: RequestCycle, sink: ResponseSink) -> None: ...
+
+
 class TimeoutPolicy:
     """The timeouts of each state, from the ``--timeout-*`` settings. Loop thread only.
 
@@ -152,7 +178,7 @@ class TimeoutPolicy:
         enabled = [t for t in (self.header, self.write, self.request, self.linger) if t > 0]
         return min(1.0, max(0.01, min([self.keep_alive, *enabled]) / 4))
 
-    def check(self, channel: HTTPChannel, now: float, perf_now: float) -> None:
+    def check(self, channel: TimedConnection, now: float, perf_now: float) -> None:
         """Enforce the timeout of ``channel``'s state, and the write timeout of any state.
 
         Args:

@@ -3,7 +3,8 @@ passes back, the access log line, and the error responses the server makes itsel
 
 These functions are methods of ``HTTPChannel`` (its class body binds them), kept in their own
 module so that each module reads as one concern; they run on the loop thread, on the channel's
-own state. The ``on_response_*`` ones are the :class:`~asyncwsgi.bridge.ResponseTarget` that
+own state, typed against :class:`~asyncwsgi.state.Channel`, the interface the channel
+implements, so that this module does not import the channel. The ``on_response_*`` ones are the :class:`~asyncwsgi.bridge.ResponseTarget` that
 the :class:`~asyncwsgi.bridge.ResponseSink` calls through ``call_soon_threadsafe``.
 """
 
@@ -24,8 +25,8 @@ from .sendfile import FileSender
 from .wsgi import RETRY_AFTER
 
 if TYPE_CHECKING:
-    from .channel import HTTPChannel
     from .connstate import RequestCycle
+    from .state import Channel
 
 __all__ = [
     "on_response_data",
@@ -54,7 +55,7 @@ _MERGE_BELOW = 512 * 1024
 
 
 def on_response_data(
-    self: HTTPChannel,
+    self: Channel,
     sink: ResponseSink,
     head: ResponseHead | None,
     chunks: list[bytes],
@@ -119,7 +120,7 @@ def on_response_data(
 
 
 def on_response_file(
-    self: HTTPChannel,
+    self: Channel,
     sink: ResponseSink,
     head: ResponseHead,
     wrapper: FileWrapper,
@@ -168,7 +169,7 @@ def on_response_file(
     sender.start()
 
 
-def on_file_sent(self: HTTPChannel, sender: FileSender, error: OSError | None) -> None:
+def on_file_sent(self: Channel, sender: FileSender, error: OSError | None) -> None:
     """The sendfile of ``sender`` finished (``error`` is None) or failed."""
     self._close_in_pool(sender.wrapper)
     if self.file_sender is not sender:
@@ -193,26 +194,26 @@ def on_file_sent(self: HTTPChannel, sender: FileSender, error: OSError | None) -
     self._end_file_response(cycle)
 
 
-def end_file_response(self: HTTPChannel, cycle: RequestCycle) -> None:
+def end_file_response(self: Channel, cycle: RequestCycle) -> None:
     tail = self.conn.send_end()
     if tail:
         self._write(tail)
     self._end_response(cycle, tail)
 
 
-def on_response_abort(self: HTTPChannel, sink: ResponseSink) -> None:
+def on_response_abort(self: Channel, sink: ResponseSink) -> None:
     """The app failed after its head went out: cut the connection (RFC 9112 section 9.6)."""
     cycle = self.cycle
     if cycle is not None and cycle.sink is sink:
         self.abort()
 
 
-def close_in_pool(self: HTTPChannel, wrapper: FileWrapper) -> None:
+def close_in_pool(self: Channel, wrapper: FileWrapper) -> None:
     """Run ``wrapper.close()`` in the pool: it may be app code (Django's response.close)."""
     self.server.pool.submit(_close_quietly, wrapper)
 
 
-def write(self: HTTPChannel, data: bytes) -> None:
+def write(self: Channel, data: bytes) -> None:
     assert self.transport is not None
     self.bytes_written += len(data)
     self.transport.write(data)
@@ -221,7 +222,7 @@ def write(self: HTTPChannel, data: bytes) -> None:
 # -- the access log ---------------------------------------------------------------------
 
 
-def log_access(self: HTTPChannel, cycle: RequestCycle) -> None:
+def log_access(self: Channel, cycle: RequestCycle) -> None:
     request = cycle.request
     access_format = self.server.access_format
     if access_format is not None:
@@ -251,7 +252,7 @@ def log_access(self: HTTPChannel, cycle: RequestCycle) -> None:
     )
 
 
-def request_line(self: HTTPChannel, cycle: RequestCycle) -> str:
+def request_line(self: Channel, cycle: RequestCycle) -> str:
     request = cycle.request
     return escape(f"{request.method.decode('latin-1')} {request.target.decode('latin-1')}")
 
@@ -259,7 +260,7 @@ def request_line(self: HTTPChannel, cycle: RequestCycle) -> str:
 # -- error responses ----------------------------------------------------------------------
 
 
-def reject(self: HTTPChannel, exc: RequestRejected) -> None:
+def reject(self: Channel, exc: RequestRejected) -> None:
     """Answer a malformed or oversized request with its 4xx/5xx status and close."""
     error_logger.warning(
         "Invalid HTTP request from %s: %d %s", self.client, exc.status, escape(exc.reason)
@@ -276,9 +277,7 @@ def reject(self: HTTPChannel, exc: RequestRejected) -> None:
     self._close_after_response()
 
 
-def answer(
-    self: HTTPChannel, cycle: RequestCycle, status: int, *extra: tuple[bytes, bytes]
-) -> None:
+def answer(self: Channel, cycle: RequestCycle, status: int, *extra: tuple[bytes, bytes]) -> None:
     """Answer the request in flight with a short plain-text ``status``; then close."""
     try:
         data = self.conn.send_error(status, self.server.date_header, *extra)
@@ -290,7 +289,7 @@ def answer(
     self._finish_cycle(cycle, keep_alive=False)
 
 
-def overloaded(self: HTTPChannel, cycle: RequestCycle) -> None:
+def overloaded(self: Channel, cycle: RequestCycle) -> None:
     """Answer 503 at once: ``--limit-concurrency`` requests are in progress."""
     server = self.server
     count = server.overload_log.ready()
@@ -305,7 +304,7 @@ def overloaded(self: HTTPChannel, cycle: RequestCycle) -> None:
     self._answer(cycle, 503, (b"Retry-After", RETRY_AFTER))
 
 
-def head_timeout(self: HTTPChannel) -> None:
+def head_timeout(self: Channel) -> None:
     """Answer 408 to a request head not complete within ``timeout_request_header``."""
     if error_logger.isEnabledFor(logging.INFO):
         error_logger.info(
@@ -321,7 +320,7 @@ def head_timeout(self: HTTPChannel) -> None:
     self._linger()  # the client may be sending the rest of its head
 
 
-def request_timeout(self: HTTPChannel, cycle: RequestCycle, sink: ResponseSink) -> None:
+def request_timeout(self: Channel, cycle: RequestCycle, sink: ResponseSink) -> None:
     """Answer 504: the app has not started its response within ``timeout_request``.
 
     The pool thread is not stopped (Python cannot): its next send raises, so its output is

@@ -37,7 +37,7 @@ from .channel import HTTPChannel
 from .config import BindSpec, Config
 from .logs import LogThrottle, error_logger, reopen_log_files, setup_logging
 from .pool import ThreadPool
-from .state import ServerState
+from .state import Channel, ServerState
 from .tls import create_ssl_context
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ class Server:
         slices = max(1, min(10, round(interval / 0.01)))
         clock = state.clock
         check = state.timeouts.check
-        sweep: list[HTTPChannel] = []
+        sweep: list[Channel] = []
         done = share = 0
         while True:
             await asyncio.sleep(interval / slices)

@@ -9,16 +9,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .accesslog import AccessFormat
 from .config import Config
-from .connstate import TimeoutPolicy
+from .connstate import TimedConnection, TimeoutPolicy
 from .logs import LogThrottle
 from .proxy import ProxySupport
 from .strict import RequestLimits
 
 if TYPE_CHECKING:
     from ._types import WSGIApplication
-    from .channel import HTTPChannel
+    from .connstate import RequestCycle
+    from .filewrapper import FileWrapper
+    from .sendfile import FileSender
 
-__all__ = ["Pool", "ServerState", "request_limits"]
+__all__ = ["Channel", "Pool", "ServerState", "request_limits"]
 
 
 def request_limits(config: Config) -> RequestLimits:
@@ -36,6 +38,34 @@ class Pool(Protocol):
     """What the connections need of the thread pool (:class:`asyncwsgi.pool.ThreadPool`)."""
 
     def submit(self, fn: Callable[..., object], *args: Any) -> None: ...
+
+
+class Channel(TimedConnection, Protocol):
+    """What the server and the response side (:mod:`asyncwsgi.response`) use of a connection:
+    the interface :class:`~asyncwsgi.channel.HTTPChannel` implements, so that neither imports
+    the channel. Loop thread only."""
+
+    server: ServerState
+    config: Config
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def closing(self) -> bool: ...
+    @property
+    def in_flight(self) -> bool: ...
+    @property
+    def idle_after_response(self) -> bool: ...
+    def check_timeouts(self, now: float, perf_now: float) -> None: ...
+    def on_file_sent(self, sender: FileSender, error: OSError | None) -> None: ...
+    def _write(self, data: bytes) -> None: ...
+    def _request_line(self, cycle: RequestCycle) -> str: ...
+    def _answer(self, cycle: RequestCycle, status: int, *extra: tuple[bytes, bytes]) -> None: ...
+    def _close_in_pool(self, wrapper: FileWrapper) -> None: ...
+    def _end_file_response(self, cycle: RequestCycle) -> None: ...
+    def _end_response(self, cycle: RequestCycle, tail: bytes | None) -> None: ...
+    def _finish_cycle(self, cycle: RequestCycle, keep_alive: bool) -> None: ...
+    def _close_after_response(self) -> None: ...
+    def _linger(self) -> None: ...
 
 
 class ServerState:
@@ -76,7 +106,7 @@ class ServerState:
         self.timeouts = TimeoutPolicy(config)
         self.app = app
         self.pool = pool
-        self.channels: set[HTTPChannel] = set()
+        self.channels: set[Channel] = set()
         self.date_header: tuple[bytes, bytes] | None = None
         self.server_header: tuple[bytes, bytes] | None = (
             (b"Server", b"asyncwsgi") if config.server_header else None
