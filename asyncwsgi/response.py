@@ -2,10 +2,11 @@
 passes back, the access log line, and the error responses the server makes itself.
 
 These functions are methods of ``HTTPChannel`` (its class body binds them), kept in their own
-module so that each module reads as one concern; they run on the loop thread, on the channel's
-own state, typed against :class:`~asyncwsgi.state.Channel`, the interface the channel
-implements, so that this module does not import the channel. The ``on_response_*`` ones are the :class:`~asyncwsgi.bridge.ResponseTarget` that
-the :class:`~asyncwsgi.bridge.ResponseSink` calls through ``call_soon_threadsafe``.
+module so that each module reads as one concern. They run on the loop thread, on the channel's
+own state, typed against :class:`~asyncwsgi.state.Channel` (the interface the channel
+implements), so that this module does not import the channel. The ``on_response_*`` ones are
+the :class:`~asyncwsgi.bridge.ResponseTarget` that the :class:`~asyncwsgi.bridge.ResponseSink`
+calls through ``call_soon_threadsafe``.
 """
 
 from __future__ import annotations

@@ -89,6 +89,8 @@ class Server:
         #: Set when the server wants to stop on its own (``--max-requests``); ``serve()`` and
         #: ``run()`` then shut down gracefully.
         self.should_exit = asyncio.Event()
+        #: Called once the sockets are bound, before the first connection is accepted.
+        self.on_bound: Callable[[], object] | None = None
         #: Called on the loop when ``--max-requests`` is reached, as the server stops accepting
         #: (a supervisor's worker uses it to have its replacement started at once).
         self.on_max_requests: Callable[[], object] | None = None
@@ -146,6 +148,8 @@ class Server:
                 raise
 
         self._listen = listen
+        if self.on_bound is not None:
+            self.on_bound()
         for sock in sockets:
             self._listeners.append(sock)
             self._servers.append(await listen(sock))
@@ -479,13 +483,15 @@ def run(
     config: Config | None = None,
     sockets: list[socket.socket] | None = None,
     configure_logs: bool = True,
+    on_bound: Callable[[], object] | None = None,
     on_started: Callable[[Server], object] | None = None,
     **options: Any,
 ) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then shut down gracefully. Blocks; main thread.
 
-    ``on_started`` is called on the loop with the :class:`Server` once every socket accepts (a
-    supervisor uses it to learn that a new worker is ready).
+    ``on_bound`` is called on the loop once every socket is bound, before any connection is
+    accepted (a supervisor uses it to learn that a new worker is ready); ``on_started`` with the
+    :class:`Server` once every socket accepts.
 
     Creates the event loop named by ``config.loop`` (uvloop by default when installed), sets up
     logging to stderr unless ``configure_logs`` is False, and returns once every connection is
@@ -509,7 +515,7 @@ def run(
     loop = new_event_loop(config.loop)
     try:
         asyncio.set_event_loop(loop)
-        loop.run_until_complete(_main(app, config, sockets, on_started))
+        loop.run_until_complete(_main(app, config, sockets, on_bound, on_started))
     finally:
         try:
             loop.run_until_complete(loop.shutdown_asyncgens())
@@ -527,10 +533,12 @@ async def _main(
     app: WSGIApplication,
     config: Config,
     sockets: list[socket.socket] | None,
+    on_bound: Callable[[], object] | None,
     on_started: Callable[[Server], object] | None,
 ) -> None:
     loop = asyncio.get_running_loop()
     server = Server(app, config, sockets=sockets)
+    server.on_bound = on_bound
     graceful = quick = False
     interrupts = 0
 

@@ -167,13 +167,18 @@ class _Worker:
 
         boot_signals.hand_over()
 
-        def started(server: Server) -> None:
+        def bound() -> None:
+            # Ready is reported once the sockets are bound and before any connection is
+            # accepted: a worker the supervisor has not heard from has served nothing, so a
+            # reload may kill it if it is still booting an outdated version.
             self.booted = True
+            self.report(READY)
+
+        def started(server: Server) -> None:
             # From now on a message is dropped rather than block the loop on a full pipe (a
             # supervisor that does not read: stopped, or busy stopping its workers).
             os.set_blocking(self.pipe, False)
             server.on_max_requests = lambda: self.report(MAX_REQUESTS)
-            self.report(READY)
             if server.should_exit.is_set():
                 self.report(MAX_REQUESTS)
             loop = asyncio.get_running_loop()
@@ -185,7 +190,14 @@ class _Worker:
             loop.call_later(self.heartbeat, beat)
 
         sockets = self.sockets or None
-        run(app, config=self.config, sockets=sockets, configure_logs=False, on_started=started)
+        run(
+            app,
+            config=self.config,
+            sockets=sockets,
+            configure_logs=False,
+            on_bound=bound,
+            on_started=started,
+        )
         return 0
 
     def report(self, message: bytes) -> None:
