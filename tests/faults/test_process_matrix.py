@@ -157,11 +157,12 @@ class Supervisor:
             status = None
         return status, time.monotonic() - started
 
-    def kill_all(self, pids: set[int]) -> None:
-        for pid in {self.pid, *pids}:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.proc.wait()
+    def kill_all(self) -> None:
+        """SIGKILL the supervisor's whole process group: workers it left behind included."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(DEADLINE)
         self._reader.join(DEADLINE)
         assert self.proc.stderr is not None
         self.proc.stderr.close()
@@ -216,7 +217,7 @@ def test_cell(phase: str, event: str, tmp_path: Path) -> None:
     finally:
         (tmp_path / "request.go").touch()
         (tmp_path / "boot.go").touch()
-        sup.kill_all({pid for pid in sup.booted() if inv.alive(pid)})
+        sup.kill_all()
 
 
 def _run(name: str, phase: str, event: str, tmp: Path, port: int, sup: Supervisor) -> None:
