@@ -384,7 +384,15 @@ class HTTPChannel(asyncio.Protocol):
         if self.write_paused:
             sink.pause()
         environ["asyncwsgi.client_disconnected"] = sink.client_disconnected
-        server.pool.submit(run_wsgi, server.app, environ, sink, cycle.started, config.timeout_queue)
+        server.pool.submit(
+            run_wsgi,
+            server.app,
+            environ,
+            sink,
+            cycle.started,
+            config.timeout_queue,
+            config.timeout_request,
+        )
 
     # -- BodyTarget: asked by the pool thread through call_soon_threadsafe ----------------------
 

@@ -89,9 +89,12 @@ class Server:
         #: Set when the server wants to stop on its own (``--max-requests``); ``serve()`` and
         #: ``run()`` then shut down gracefully.
         self.should_exit = asyncio.Event()
-        #: Called on the loop when ``--max-requests`` is reached, as the server stops accepting
-        #: (a supervisor's worker uses it to have its replacement started at once).
-        self.on_max_requests: Callable[[], object] | None = None
+        #: Called on the loop with the reason (``max_requests``, ``stuck``) when this process
+        #: recycles itself, as it stops accepting: a supervisor's worker sets it, to have its
+        #: replacement started at once. Without it, stuck threads are only reported.
+        self.on_recycle: Callable[[str], object] | None = None
+        #: Why the process recycles itself ("" while it does not).
+        self.recycle_reason = ""
 
     @property
     def state(self) -> ServerState:
@@ -118,6 +121,7 @@ class Server:
             # Drawn once per process, so that workers started together restart apart.
             state.max_requests = config.max_requests + random.randint(0, config.max_requests_jitter)
             state.on_max_requests = self._max_requests_reached
+        state.on_threads_stuck = self._threads_stuck
         state.idle_changed = asyncio.Event()
         sockets = self._sockets
         if sockets is None:
@@ -201,9 +205,37 @@ class Server:
         error_logger.info(
             "Maximum request limit of %d exceeded. Terminating process.", self.state.max_requests
         )
-        self.should_exit.set()
-        if self.on_max_requests is not None:
-            self.on_max_requests()
+        self.recycle("max_requests")
+
+    def recycle(self, reason: str) -> None:
+        """Stop accepting and shut down gracefully, telling ``on_recycle`` why. Loop thread."""
+        if not self.recycle_reason:
+            self.recycle_reason = reason
+            self.should_exit.set()
+            if self.on_recycle is not None:
+                self.on_recycle(reason)
+
+    def _threads_stuck(self) -> None:
+        """``--threads`` threads are stuck: recycle under a supervisor, else report. Loop thread.
+
+        Without a supervisor nothing would start a replacement: the process goes on serving
+        with the replacement threads, and its health check answers 503 (``--health-path``)
+        until a stuck thread finishes, so that an orchestrator restarts it.
+        """
+        threads = self.config.threads
+        if self.on_recycle is None:
+            error_logger.critical(
+                "All %d threads are stuck in the application (--timeout-request); the health "
+                "check answers 503 until one finishes: restart this process",
+                threads,
+            )
+        elif not self.recycle_reason:
+            error_logger.error(
+                "All %d threads are stuck in the application (--timeout-request); recycling "
+                "this worker: it stops accepting and exits once its other requests are done",
+                threads,
+            )
+            self.recycle("stuck")
 
     def _pause_accepting(self) -> None:
         """Stop accepting: ``limit_max_connections`` connections are open. Loop thread.

@@ -37,6 +37,11 @@ class Pool(Protocol):
 
     def submit(self, fn: Callable[..., object], *args: Any) -> None: ...
 
+    @property
+    def stuck(self) -> int: ...
+
+    def mark_stuck(self, ident: int) -> str | None: ...
+
 
 class ServerState:
     """What every connection of one server shares. Loop thread only.
@@ -94,6 +99,8 @@ class ServerState:
         #: ``--max-requests`` for this process (0: none), and what to call when it is reached.
         self.max_requests = 0
         self.on_max_requests: Callable[[], None] | None = None
+        #: Called when ``--threads`` threads are stuck at once (``--timeout-request``).
+        self.on_threads_stuck: Callable[[], None] | None = None
         self.idle_changed: asyncio.Event | None = None
         #: Forwarded headers and the PROXY protocol (asyncwsgi.proxy).
         self.proxy = ProxySupport(config)

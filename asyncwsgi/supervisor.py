@@ -14,7 +14,9 @@ again. Whatever happens during a reload (another SIGHUP, a crash, an old worker 
 its own), the number of serving workers converges to ``--workers``.
 
 Each worker keeps a pipe to the supervisor: it writes ``R`` once it accepts connections, ``M``
-when ``--max-requests`` is reached and it stops accepting (its replacement starts at once), and
+and a reason when it recycles itself and stops accepting (``max_requests``: ``--max-requests``
+reached; ``stuck``: ``--threads`` threads stuck past ``--timeout-request``; its replacement
+starts at once, and the log gives the reason), and
 the error that stopped it from booting, and ``H``, a heartbeat, from a timer of its event loop.
 The worker's side of this is :mod:`asyncwsgi.worker`; the checks are :mod:`asyncwsgi.checks`:
 
@@ -91,10 +93,10 @@ from .reloader import Watcher, forget_bytecode
 from .worker import (
     APP_LOAD_ERROR,
     BOOT_ERROR,
-    MAX_REQUESTS,
     READY,
     SUPERVISOR_SIGNALS,
     fork,
+    recycle_reasons,
     run_worker,
 )
 
@@ -116,6 +118,12 @@ _SIGNALS = SUPERVISOR_SIGNALS
 
 _WATCHER = -1  # the selector key data of the watcher's pipe (a worker's is its pid)
 _RECYCLED = -1  # the generation of a worker over --workers-max-rss or --workers-lifetime
+
+#: What the log says of a worker that recycles itself, by the reason it gives.
+_RECYCLE_CAUSES = {
+    "max_requests": "reached --max-requests",
+    "stuck": "has all its threads stuck (--timeout-request)",
+}
 
 AppLoader = Callable[[], "WSGIApplication"]
 
@@ -424,11 +432,16 @@ class Supervisor:
                 worker.ready = True
                 self._boot_failures = 0
                 self._last_boot_error = b""
-            if MAX_REQUESTS in codes and worker.pid not in self._retiring:
+            for reason in recycle_reasons(codes):
+                if worker.pid in self._retiring:
+                    break
                 # It stops accepting now and exits once its requests are done.
                 self._retiring.add(worker.pid)
+                worker.recycling = reason
                 error_logger.info(
-                    "Worker (pid: %d) reached --max-requests; starting a new one", worker.pid
+                    "Worker (pid: %d) %s; starting a new one",
+                    worker.pid,
+                    _RECYCLE_CAUSES.get(reason, f"recycles itself ({reason})"),
                 )
 
     def _check_workers(self) -> None:
