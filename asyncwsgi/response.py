@@ -41,6 +41,7 @@ __all__ = [
     "reject",
     "answer",
     "overloaded",
+    "answer_health",
     "head_timeout",
     "request_timeout",
 ]
@@ -304,6 +305,16 @@ def overloaded(self: HTTPChannel, cycle: RequestCycle) -> None:
             count,
         )
     self._answer(cycle, 503, (b"Retry-After", RETRY_AFTER))
+
+
+def answer_health(self: HTTPChannel, cycle: RequestCycle) -> None:
+    """Answer ``--health-path`` on the loop: 200 ``ok`` while the server is
+    :attr:`~asyncwsgi.state.ServerState.healthy`, else 503; then close, as every answer the
+    server makes itself. No thread, no access line, not counted as a request."""
+    server = self.server
+    self._write(self.conn.send_error(200 if server.healthy else 503, server.date_header))
+    self.cycle = None
+    self._close_after_response()
 
 
 def head_timeout(self: HTTPChannel) -> None:

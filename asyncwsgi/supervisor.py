@@ -14,9 +14,8 @@ again. Whatever happens during a reload (another SIGHUP, a crash, an old worker 
 its own), the number of serving workers converges to ``--workers``.
 
 Each worker keeps a pipe to the supervisor: it writes ``R`` once it accepts connections, ``M``
-and a reason when it recycles itself and stops accepting (``max_requests``: ``--max-requests``
-reached; ``stuck``: ``--threads`` threads stuck past ``--timeout-request``; its replacement
-starts at once, and the log gives the reason), and
+and why (``max_requests``, ``stuck``) when it recycles itself and stops accepting (its
+replacement starts at once), and
 the error that stopped it from booting, and ``H``, a heartbeat, from a timer of its event loop.
 The worker's side of this is :mod:`asyncwsgi.worker`; the checks are :mod:`asyncwsgi.checks`:
 
@@ -96,6 +95,7 @@ from .worker import (
     READY,
     SUPERVISOR_SIGNALS,
     fork,
+    recycle_cause,
     recycle_reasons,
     run_worker,
 )
@@ -118,12 +118,6 @@ _SIGNALS = SUPERVISOR_SIGNALS
 
 _WATCHER = -1  # the selector key data of the watcher's pipe (a worker's is its pid)
 _RECYCLED = -1  # the generation of a worker over --workers-max-rss or --workers-lifetime
-
-#: What the log says of a worker that recycles itself, by the reason it gives.
-_RECYCLE_CAUSES = {
-    "max_requests": "reached --max-requests",
-    "stuck": "has all its threads stuck (--timeout-request)",
-}
 
 AppLoader = Callable[[], "WSGIApplication"]
 
@@ -432,17 +426,13 @@ class Supervisor:
                 worker.ready = True
                 self._boot_failures = 0
                 self._last_boot_error = b""
-            for reason in recycle_reasons(codes):
-                if worker.pid in self._retiring:
-                    break
+            reasons = recycle_reasons(codes)
+            if reasons and worker.pid not in self._retiring:
                 # It stops accepting now and exits once its requests are done.
                 self._retiring.add(worker.pid)
-                worker.recycling = reason
-                error_logger.info(
-                    "Worker (pid: %d) %s; starting a new one",
-                    worker.pid,
-                    _RECYCLE_CAUSES.get(reason, f"recycles itself ({reason})"),
-                )
+                worker.recycling = reasons[0]
+                cause = recycle_cause(reasons[0])
+                error_logger.info("Worker (pid: %d) %s; starting a new one", worker.pid, cause)
 
     def _check_workers(self) -> None:
         """Abort the workers whose event loop is silent (they are replaced at once), and mark
@@ -564,7 +554,7 @@ class Supervisor:
                 os.close(worker.ready_fd)
 
     def _stop_workers(self) -> None:
-        """Stop every worker: SIGTERM, and SIGKILL after ``--timeout-graceful-shutdown`` + 5 s.
+        """Stop every worker: SIGTERM; SIGKILL after the shutdown delay, graceful timeout + 5 s.
 
         A worker already told to stop (retiring after a reload) is not told again; the deadline
         bounds its drain as any other's. SIGQUIT, or a second SIGINT, to the supervisor, before
@@ -579,7 +569,8 @@ class Supervisor:
                 if pid not in self._retiring:  # a reload told it already; it is draining
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.config.timeout_graceful_shutdown + 5.0
+        config = self.config
+        deadline = time.monotonic() + config.shutdown_delay + config.timeout_graceful_shutdown + 5
         while self.workers and time.monotonic() < deadline:
             if self._quick and not quick_sent:
                 quick_sent = True

@@ -43,6 +43,7 @@ __all__ = [
     "READY",
     "RECYCLE",
     "recycle_reasons",
+    "recycle_cause",
     "BOOT_ERROR",
     "HEARTBEAT",
     "SUPERVISOR_SIGNALS",
@@ -76,6 +77,18 @@ _RECYCLE_RE = re.compile(rb"M([a-z_]*)\n")
 def recycle_reasons(codes: bytes) -> list[str]:
     """The reasons of the :data:`RECYCLE` messages in ``codes`` (read from a worker's pipe)."""
     return [m.group(1).decode("ascii") for m in _RECYCLE_RE.finditer(codes)]
+
+
+#: What the log says of a worker that recycles itself, by the reason it gives.
+_RECYCLE_CAUSES = {
+    "max_requests": "reached --max-requests",
+    "stuck": "has all its threads stuck (--timeout-request)",
+}
+
+
+def recycle_cause(reason: str) -> str:
+    """What the supervisor's log says of a worker recycling itself for ``reason``."""
+    return _RECYCLE_CAUSES.get(reason, f"recycles itself ({reason})")
 
 
 def fork() -> int:

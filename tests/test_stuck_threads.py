@@ -292,3 +292,20 @@ def test_a_supervised_worker_with_every_thread_stuck_is_recycled() -> None:
         server.wait_for(rf"\[{stuck_pid}\] \[INFO\] Shutdown complete")
         assert server.stop() == 0
     assert server.output.count("is stuck in it") == 2
+
+
+def test_an_unsupervised_process_with_every_thread_stuck_reports_it() -> None:
+    """Without --workers: a CRITICAL line, the health check answers 503, and the replacement
+    threads still serve."""
+    args = ("--port", "0", "--threads", "2", "--timeout-request", "1", "--health-path", "/hz")
+    with CLIServer(APP, *args, "--no-access-log", env={"WEB_CONCURRENCY": ""}) as server:
+        port = port_of(server.url())
+        with http_client() as client:
+            assert client.get(f"{server.url()}/hz").status_code == 200
+        _hang_twice(port)
+        server.wait_for(r"\[CRITICAL\] All 2 threads are stuck in the application")
+        with http_client() as client:
+            health = client.get(f"{server.url()}/hz")
+            assert int(client.get(server.url()).text) == server.proc.pid
+        assert health.status_code == 503
+        assert server.stop() == 0
