@@ -30,6 +30,8 @@ atom    value                                       JSON key
 ``D``   duration, whole microseconds                ``duration_us``
 ``L``   duration, decimal seconds                   ``duration``
 ``p``   process id, ``<1234>``                      ``pid``
+``Q``   time waiting for a thread, milliseconds     ``queue_ms``
+        (``asyncwsgi.queue_time``), ``12.345``
 ======  ==========================================  ====================
 
 and ``%({name}i)s`` a request header, ``%({name}o)s`` a response header, ``%({key}e)s`` a key of
@@ -134,6 +136,16 @@ def _request_line(entry: AccessRecord) -> str:
     return f"{entry.method.decode('latin-1')} {entry.target.decode('latin-1')} {_protocol(entry)}"
 
 
+def _queue_ms(entry: AccessRecord) -> str | None:
+    """``asyncwsgi.queue_time`` in milliseconds, three decimals; None before the app call."""
+    value = None if entry.environ is None else entry.environ.get("asyncwsgi.queue_time")
+    return None if value is None else f"{value * 1e3:.3f}"
+
+
+def _float(text: str | None) -> float | None:
+    return None if text is None else float(text)
+
+
 _clf_cache: list[Any] = [-1, ""]  # [second, text]: formatting once a second is enough
 
 
@@ -175,6 +187,7 @@ ATOMS: Final[dict[str, tuple[str, _Getter, _Getter]]] = {
     "D": ("duration_us", lambda e: str(int(e.duration * 1e6)), lambda e: int(e.duration * 1e6)),
     "L": ("duration", lambda e: f"{e.duration:.6f}", lambda e: round(e.duration, 6)),
     "p": ("pid", lambda e: f"<{os.getpid()}>", lambda e: os.getpid()),
+    "Q": ("queue_ms", lambda e: _text(_queue_ms(e)), lambda e: _float(_queue_ms(e))),
 }
 
 #: The atoms of a JSON line when no ``--access-logformat`` is given.

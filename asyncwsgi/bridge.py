@@ -96,6 +96,7 @@ class ResponseSink:
         "head_handed_over",
         "paused",
         "peer_closed",
+        "thread",
     )
 
     def __init__(
@@ -123,6 +124,9 @@ class ResponseSink:
         self.head_handed_over = False
         #: Set by the loop when the client half-closed (sent EOF) during the request.
         self.peer_closed = False
+        #: The ident of the pool thread that called the application (0 before): the thread
+        #: to count stuck when the request is past ``--timeout-request``.
+        self.thread = 0
 
     # -- pool thread --------------------------------------------------------------------------
 

@@ -337,11 +337,15 @@ class HTTPChannel(asyncio.Protocol):
     def _dispatch(self, cycle: RequestCycle) -> None:
         """Build the environ and submit the request to the thread pool.
 
-        Over ``--limit-concurrency`` the request is answered 503 here instead.
+        Over ``--limit-concurrency`` the request is answered 503 here instead; the
+        ``--health-path`` is answered here, before that limit.
         """
         config = self.config
         server = self.server
         self.set_state(IN_FLIGHT)
+        if cycle.request.target == server.health_target:
+            self._answer_health(cycle)
+            return
         limit = config.limit_concurrency
         if limit and server.requests_active >= limit:
             self._overloaded(cycle)
@@ -384,7 +388,8 @@ class HTTPChannel(asyncio.Protocol):
         if self.write_paused:
             sink.pause()
         environ["asyncwsgi.client_disconnected"] = sink.client_disconnected
-        server.pool.submit(run_wsgi, server.app, environ, sink, cycle.started, config.timeout_queue)
+        timeouts = config.timeout_queue, config.timeout_request
+        server.pool.submit(run_wsgi, server.app, environ, sink, cycle.started, *timeouts)
 
     # -- BodyTarget: asked by the pool thread through call_soon_threadsafe ----------------------
 
@@ -413,6 +418,7 @@ class HTTPChannel(asyncio.Protocol):
     reject = response.reject
     _answer = response.answer
     _overloaded = response.overloaded
+    _answer_health = response.answer_health
     head_timeout = response.head_timeout
     request_timeout = response.request_timeout
 

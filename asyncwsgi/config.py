@@ -242,6 +242,19 @@ class Config:
         group="Threads and timeouts",
         metavar="SECONDS",
     )
+    shutdown_delay: float = _opt(
+        0.0,
+        "on SIGTERM, serve this long with the health check failing first",
+        group="Threads and timeouts",
+        metavar="SECONDS",
+    )
+    health_path: str | None = _opt(
+        None,
+        "answer this path on the loop: 200 ok, 503 once not serving",
+        group="Processes",
+        metavar="PATH",
+        default_text="off",
+    )
     timeout_worker_healthcheck: float = _opt(
         30.0,
         "abort a worker whose event loop is silent this long",
@@ -404,6 +417,7 @@ class Config:
             "timeout_linger",
             "timeout_graceful_shutdown",
             "timeout_worker_healthcheck",
+            "shutdown_delay",
             "limit_request_line",
             "limit_request_fields",
             "limit_request_field_size",
@@ -426,6 +440,8 @@ class Config:
                 raise ConfigError(
                     f"uds_perms must be an octal mode such as 660, got {self.uds_perms!r}"
                 )
+        if self.health_path is not None and not self.health_path.startswith("/"):
+            raise ConfigError(f"health_path must start with '/', got {self.health_path!r}")
         if self.fd is not None and self.fd < 0:
             raise ConfigError(f"fd must not be negative, got {self.fd}")
         for spec in self.bind:

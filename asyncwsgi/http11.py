@@ -560,13 +560,13 @@ class ServerConnection:
     ) -> bytes:
         """Return a whole :func:`error_response` with the body ``"<status> <phrase>"`` (dropped
         for HEAD), for a request the server answers itself (503 at ``--limit-concurrency``,
-        504 at ``--timeout-request``).
+        504 at ``--timeout-request``, ``--health-path``; its 200 has the body ``ok``).
 
         Raises:
             InvalidResponse: a response is already under way: only cutting is left.
         """
         head = error_response(status, *extra)
-        body = b"%d %s\n" % (status, head.reason)
+        body = b"ok" if status == 200 else b"%d %s\n" % (status, head.reason)
         out = [self.send_response(status, head.reason, head.headers, date_header, len(body))]
         out.extend(self.send_data(body))
         out.append(self.send_end() or b"")

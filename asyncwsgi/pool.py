@@ -9,15 +9,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from .logs import LogThrottle
 
-__all__ = ["ThreadPool"]
+__all__ = ["ThreadPool", "thread_stack", "current_thread_ident"]
+
+#: The ident of the calling thread (:func:`threading.get_ident`): a pool thread records it
+#: where the loop can find which thread runs a call.
+current_thread_ident = threading.get_ident
 
 logger = logging.getLogger("asyncwsgi.error")
 
@@ -42,6 +48,13 @@ class ThreadPool:
 
     Threads are daemon threads, started on demand: a request stuck in application code past the
     graceful-shutdown timeout cannot keep the process from exiting.
+
+    Stuck threads: the loop calls :meth:`mark_stuck` for a thread whose application call is
+    past ``--timeout-request``. The pool then runs one more thread in its place, so that
+    ``max_threads`` threads stay free for new calls; at most ``max_threads`` stuck threads are
+    replaced at once. A stuck thread whose call ends is an ordinary thread again, and the pool
+    shrinks back: a thread above ``max_threads`` plus the replacements still in use ends
+    instead of parking.
 
     Robustness: a thread never ends because of what a call raises; any ``BaseException``
     (``SystemExit`` from ``sys.exit()`` in application code, say) is logged and the thread takes
@@ -82,6 +95,8 @@ class ThreadPool:
         self._threads: list[threading.Thread] = []
         self._parked: list[threading.Lock] = []
         self._closing = False
+        #: Guarded by _lock: the stuck threads, by ident, and since when (time.monotonic()).
+        self._stuck: dict[int, float] = {}
         self._started = 0  # threads started so far, for their names
         self._wake_scheduled = False
         self._watch: asyncio.TimerHandle | None = None
@@ -118,8 +133,39 @@ class ThreadPool:
 
     @property
     def max_threads(self) -> int:
-        """The most threads the pool starts."""
+        """The most threads the pool starts, stuck threads and their replacements aside."""
         return self._max
+
+    @property
+    def stuck(self) -> int:
+        """Threads still running a call past ``--timeout-request`` (see :meth:`mark_stuck`)."""
+        return len(self._stuck)
+
+    def _limit(self) -> int:
+        """The most threads now: ``max_threads``, plus one per stuck thread, up to twice as
+        many. Lock held."""
+        return self._max + min(len(self._stuck), self._max)
+
+    def mark_stuck(self, ident: int) -> str | None:
+        """The call running in the pool thread ``ident`` is past ``--timeout-request``.
+
+        Loop thread. The thread counts as stuck until its call returns; a replacement thread
+        is started (after this loop iteration) if calls wait. Returns the thread's name, or
+        None when ``ident`` is not a pool thread or is already counted stuck.
+        """
+        with self._lock:
+            if ident in self._stuck:
+                return None
+            name = next((t.name for t in self._threads if t.ident == ident), None)
+            if name is None:
+                return None
+            self._stuck[ident] = time.monotonic()
+        if self._calls and not self._wake_scheduled:
+            # Not now: a call another connection's timeout answers later in this iteration
+            # must not be taken by the replacement first.
+            self._wake_scheduled = True
+            self._loop.call_soon(self._wake)
+        return name
 
     def _wake(self) -> None:
         """After the loop iteration's callbacks: make sure a thread is awake. Loop thread."""
@@ -149,11 +195,12 @@ class ThreadPool:
         wake_up: threading.Lock | None = None
         error: Exception | None = None
         with self._lock:
-            if only_if_none_awake and len(self._parked) < len(self._threads):
+            # A stuck thread is awake but will not take a call.
+            if only_if_none_awake and len(self._parked) + len(self._stuck) < len(self._threads):
                 return
             if self._parked:
                 wake_up = self._parked.pop()
-            elif len(self._threads) < self._max:
+            elif len(self._threads) < self._limit():
                 # Started under the lock, so every listed thread has started (shutdown joins).
                 thread = threading.Thread(
                     target=self._work, name=f"{self._name}_{self._started}", daemon=True
@@ -186,6 +233,8 @@ class ThreadPool:
     def _work(self) -> None:
         """A pool thread: run calls until none is left, then park; end once closing."""
         me = threading.current_thread()
+        ident = threading.get_ident()
+        stuck = self._stuck
         wake_up = threading.Lock()
         wake_up.acquire()
         calls = self._calls
@@ -199,7 +248,8 @@ class ThreadPool:
                     with lock:
                         if calls:  # appended since: take it (the loop saw this thread awake)
                             continue
-                        if self._closing:
+                        if self._closing or len(self._threads) > self._limit():
+                            # Closing, or one too many once a stuck call ended: shrink back.
                             self._threads.remove(me)
                             return
                         parked.append(wake_up)
@@ -212,6 +262,8 @@ class ThreadPool:
                         logger.exception("Unhandled error in a worker thread")
                 del fn, args
                 self._progress = True
+                if stuck and ident in stuck:  # a hint; decided under the lock
+                    self._unstuck(me, ident)
         except BaseException:  # the pool's own code failed: do not leave this thread counted
             with lock:
                 if me in self._threads:
@@ -220,6 +272,18 @@ class ThreadPool:
                     parked.remove(wake_up)
             with contextlib.suppress(BaseException):
                 logger.critical("Worker thread %s failed; it is replaced", me.name, exc_info=True)
+
+    def _unstuck(self, me: threading.Thread, ident: int) -> None:
+        """A stuck thread's call ended: it is an ordinary thread again. Pool thread."""
+        with self._lock:
+            since = self._stuck.pop(ident, None)
+        if since is not None:
+            with contextlib.suppress(BaseException):
+                logger.info(
+                    "Worker thread %s, stuck for %.1f s, finished its call; back in the pool",
+                    me.name,
+                    time.monotonic() - since,
+                )
 
     def shutdown(self, timeout: float) -> int:
         """Let the threads run the queued calls and end; wait up to ``timeout`` seconds.
@@ -259,3 +323,12 @@ class ThreadPool:
                 logger.exception("Unhandled error in a worker thread")
             del fn, args
         return len(self._threads)
+
+
+def thread_stack(ident: int) -> str:
+    """The Python stack of the thread ``ident`` now, most recent call last, as
+    :func:`traceback.format_stack` writes it (from :func:`sys._current_frames`). Any thread."""
+    frame = sys._current_frames().get(ident)
+    if frame is None:
+        return "  (the thread has no Python frame)\n"
+    return "".join(traceback.format_stack(frame))

@@ -22,6 +22,7 @@ from .errors import InvalidResponse, RequestRejected
 from .events import ResponseHead
 from .filewrapper import FileWrapper
 from .logs import access_logger, error_logger, escape
+from .pool import thread_stack
 from .sendfile import FileSender
 from .wsgi import RETRY_AFTER
 
@@ -42,6 +43,7 @@ __all__ = [
     "reject",
     "answer",
     "overloaded",
+    "answer_health",
     "head_timeout",
     "request_timeout",
 ]
@@ -305,6 +307,16 @@ def overloaded(self: Channel, cycle: RequestCycle) -> None:
     self._answer(cycle, 503, (b"Retry-After", RETRY_AFTER))
 
 
+def answer_health(self: Channel, cycle: RequestCycle) -> None:
+    """Answer ``--health-path`` on the loop: 200 ``ok`` while the server is
+    :attr:`~asyncwsgi.state.ServerState.healthy`, else 503; then close, as every answer the
+    server makes itself. No thread, no access line, not counted as a request."""
+    server = self.server
+    self._write(self.conn.send_error(200 if server.healthy else 503, server.date_header))
+    self.cycle = None
+    self._close_after_response()
+
+
 def head_timeout(self: Channel) -> None:
     """Answer 408 to a request head not complete within ``timeout_request_header``."""
     if error_logger.isEnabledFor(logging.INFO):
@@ -325,14 +337,35 @@ def request_timeout(self: Channel, cycle: RequestCycle, sink: ResponseSink) -> N
     """Answer 504: the app has not started its response within ``timeout_request``.
 
     The pool thread is not stopped (Python cannot): its next send raises, so its output is
-    discarded and its ``close()`` runs; a read of the body raises at once.
+    discarded and its ``close()`` runs; a read of the body raises at once. A thread still in
+    the application counts as stuck (:meth:`~asyncwsgi.pool.ThreadPool.mark_stuck`): the
+    record logged names it, with its stack, and the pool replaces it. A request that has not
+    reached a thread yet never will (:func:`~asyncwsgi.wsgi.run_wsgi`).
     """
-    error_logger.error(
-        "%s did not start its response in %g s (--timeout-request): answered 504; "
-        "its output will be discarded",
-        self._request_line(cycle),
-        self.config.timeout_request,
-    )
+    server = self.server
+    name = server.pool.mark_stuck(sink.thread) if sink.thread else None
+    if name is None:
+        error_logger.error(
+            "%s did not start its response in %g s (--timeout-request): answered 504; %s",
+            self._request_line(cycle),
+            self.config.timeout_request,
+            "its output will be discarded" if sink.thread else "the application is not called",
+        )
+    else:
+        stuck = server.pool.stuck
+        error_logger.error(
+            "%s did not start its response in %g s (--timeout-request): answered 504; "
+            "worker thread %s is stuck in it (%d stuck, a replacement for each up to %d), "
+            "its output will be discarded. Its stack:\n%s",
+            self._request_line(cycle),
+            self.config.timeout_request,
+            name,
+            stuck,
+            self.config.threads,
+            thread_stack(sink.thread).rstrip("\n"),
+        )
+        if stuck == self.config.threads and server.on_threads_stuck is not None:
+            server.on_threads_stuck()
     sink.disconnect()
     if cycle.body is not None:
         cycle.body.disconnect("the request timed out")

@@ -12,6 +12,8 @@ Three entry points:
 Signals (:func:`run`), as gunicorn's, except that SIGINT is graceful the first time:
 
 - SIGTERM: graceful shutdown; in-flight requests get ``--timeout-graceful-shutdown`` seconds.
+  With ``--shutdown-delay``, the server first goes on serving for that long while its
+  ``--health-path`` answers 503, so that a load balancer takes it out of rotation.
   Repeating it changes nothing, so a signal sent to the whole process group (systemd's
   ``KillMode=control-group``), which a worker also gets forwarded by its supervisor, is still
   graceful.
@@ -28,13 +30,13 @@ import os
 import random
 import signal
 import socket
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .channel import HTTPChannel
-from .config import BindSpec, Config
+from .config import Config
+from .listeners import accept_backlog, bind_socket, listen_url
 from .logs import LogThrottle, error_logger, reopen_log_files, setup_logging
 from .pool import ThreadPool
 from .state import Channel, ServerState
@@ -85,15 +87,20 @@ class Server:
         self._listen: Callable[[socket.socket], Awaitable[asyncio.base_events.Server]] | None = None
         self._accept_paused = False
         self._resuming: asyncio.Task[None] | None = None
+        #: The protocol factory and TLS context for connections taken from the backlog.
+        self._drain: tuple[Callable[[], asyncio.Protocol], Any] | None = None
         self._overload_log = LogThrottle()
         #: Set when the server wants to stop on its own (``--max-requests``); ``serve()`` and
         #: ``run()`` then shut down gracefully.
         self.should_exit = asyncio.Event()
         #: Called once the sockets are bound, before the first connection is accepted.
         self.on_bound: Callable[[], object] | None = None
-        #: Called on the loop when ``--max-requests`` is reached, as the server stops accepting
-        #: (a supervisor's worker uses it to have its replacement started at once).
-        self.on_max_requests: Callable[[], object] | None = None
+        #: Called on the loop with the reason (``max_requests``, ``stuck``) when this process
+        #: recycles itself, as it stops accepting: a supervisor's worker sets it, to have its
+        #: replacement started at once. Without it, stuck threads are only reported.
+        self.on_recycle: Callable[[str], object] | None = None
+        #: Why the process recycles itself ("" while it does not).
+        self.recycle_reason = ""
 
     @property
     def state(self) -> ServerState:
@@ -120,6 +127,7 @@ class Server:
             # Drawn once per process, so that workers started together restart apart.
             state.max_requests = config.max_requests + random.randint(0, config.max_requests_jitter)
             state.on_max_requests = self._max_requests_reached
+        state.on_threads_stuck = self._threads_stuck
         state.idle_changed = asyncio.Event()
         sockets = self._sockets
         if sockets is None:
@@ -150,6 +158,7 @@ class Server:
         self._listen = listen
         if self.on_bound is not None:
             self.on_bound()
+        self._drain = (lambda: HTTPChannel(state, scheme), sslcontext)
         for sock in sockets:
             self._listeners.append(sock)
             self._servers.append(await listen(sock))
@@ -160,7 +169,7 @@ class Server:
         self._housekeeping = loop.create_task(self._housekeep())
         for address in self.addresses:
             error_logger.info(
-                "Listening at: %s (threads: %d)", _url(address, scheme), config.threads
+                "Listening at: %s (threads: %d)", listen_url(address, scheme), config.threads
             )
         self.started.set()
 
@@ -205,9 +214,37 @@ class Server:
         error_logger.info(
             "Maximum request limit of %d exceeded. Terminating process.", self.state.max_requests
         )
-        self.should_exit.set()
-        if self.on_max_requests is not None:
-            self.on_max_requests()
+        self.recycle("max_requests")
+
+    def recycle(self, reason: str) -> None:
+        """Stop accepting and shut down gracefully, telling ``on_recycle`` why. Loop thread."""
+        if not self.recycle_reason:
+            self.recycle_reason = reason
+            self.should_exit.set()
+            if self.on_recycle is not None:
+                self.on_recycle(reason)
+
+    def _threads_stuck(self) -> None:
+        """``--threads`` threads are stuck: recycle under a supervisor, else report. Loop thread.
+
+        Without a supervisor nothing would start a replacement: the process goes on serving
+        with the replacement threads, and its health check answers 503 (``--health-path``)
+        until a stuck thread finishes, so that an orchestrator restarts it.
+        """
+        threads = self.config.threads
+        if self.on_recycle is None:
+            error_logger.critical(
+                "All %d threads are stuck in the application (--timeout-request); the health "
+                "check answers 503 until one finishes: restart this process",
+                threads,
+            )
+        elif not self.recycle_reason:
+            error_logger.error(
+                "All %d threads are stuck in the application (--timeout-request); recycling "
+                "this worker: it stops accepting and exits once its other requests are done",
+                threads,
+            )
+            self.recycle("stuck")
 
     def _pause_accepting(self) -> None:
         """Stop accepting: ``limit_max_connections`` connections are open. Loop thread.
@@ -266,7 +303,8 @@ class Server:
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop gracefully: stop accepting, close idle connections, let requests finish.
 
-        Within ``timeout``, every response already begun is delivered in full (a connection
+        Connections waiting in the listen backlog are accepted and served, not reset. Within
+        ``timeout``, every response already begun is delivered in full (a connection
         counts as done once it has closed, not once it has started closing with output still
         buffered), and connections lingering after a response finish lingering. Only then, or
         when the time is up, are the connections left cut.
@@ -286,6 +324,9 @@ class Server:
         timeout = self.config.timeout_graceful_shutdown if timeout is None else timeout
         for server in self._servers:
             server.close()
+        if self._drain is not None:
+            # Serve what the kernel accepted already: closing the sockets would reset it.
+            await accept_backlog(self._listeners, *self._drain, self.config.backlog)
         for sock in self._listeners:
             sock.close()
         if self._resuming is not None:
@@ -356,62 +397,6 @@ class Server:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.shutdown()
-
-
-def bind_socket(spec: BindSpec, config: Config) -> socket.socket:
-    """Create, bind and listen on one socket for ``spec``.
-
-    Raises:
-        OSError: the address is in use, not available, or not permitted.
-    """
-    if spec.kind == "fd":
-        sock = socket.socket(fileno=spec.fd)
-        sock.setblocking(False)
-        return sock
-    if spec.kind == "unix":
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.stat(spec.path).st_mode):
-                os.unlink(spec.path)
-        sock = _bind_listen(socket.AF_UNIX, spec.path, config.backlog, [])
-        if config.uds_perms is not None:
-            os.chmod(spec.path, int(config.uds_perms, 8))
-        return sock
-    infos = socket.getaddrinfo(
-        spec.host or None, spec.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    family, _, _, _, address = infos[0]
-    options = [(socket.SOL_SOCKET, socket.SO_REUSEADDR)]
-    if config.reuse_port and hasattr(socket, "SO_REUSEPORT"):
-        options.append((socket.SOL_SOCKET, socket.SO_REUSEPORT))
-    if family == socket.AF_INET6:
-        options.append((socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
-    return _bind_listen(family, address, config.backlog, options)
-
-
-def _bind_listen(
-    family: int, address: Any, backlog: int, options: list[tuple[int, int]]
-) -> socket.socket:
-    """Create a non-blocking listening socket; set each (level, option) to 1 before binding."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        for level, option in options:
-            sock.setsockopt(level, option, 1)
-        sock.bind(address)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-def _url(address: Any, scheme: str = "http") -> str:
-    if isinstance(address, str):
-        return f"unix:{address}"
-    host, port = address[0], address[1]
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{scheme}://{host}:{port}"
 
 
 async def serve(
@@ -566,6 +551,18 @@ async def _main(
             error_logger.info("Received %s; already shutting down", name)
         else:
             graceful = True
+            delay = config.shutdown_delay
+            if signum == signal.SIGTERM and delay > 0 and server.started.is_set():
+                # Out of the load balancer's rotation first: the health check fails, while
+                # requests are still served as usual.
+                error_logger.info(
+                    "Received SIGTERM; serving %g s more while the health check answers 503 "
+                    "(--shutdown-delay), then shutting down",
+                    delay,
+                )
+                server.state.draining = True
+                loop.call_later(delay, server.should_exit.set)
+                return
             error_logger.info("Received %s, shutting down", name)
             server.should_exit.set()
 

@@ -39,6 +39,11 @@ class Pool(Protocol):
 
     def submit(self, fn: Callable[..., object], *args: Any) -> None: ...
 
+    @property
+    def stuck(self) -> int: ...
+
+    def mark_stuck(self, ident: int) -> str | None: ...
+
 
 class Channel(TimedConnection, Protocol):
     """What the server and the response side (:mod:`asyncwsgi.response`) use of a connection:
@@ -80,6 +85,7 @@ class ServerState:
             or None when ``config.date_header`` is off.
         server_header: the ``(b"Server", b"asyncwsgi")`` pair, or None.
         shutting_down: set when a graceful shutdown has begun (no new keep-alive cycles).
+        draining: set during ``--shutdown-delay``; see :attr:`healthy`.
         multiprocess: ``wsgi.multiprocess``.
         requests_active: requests handed to the pool whose response has not ended (running or
             waiting for a thread), for ``--limit-concurrency``.
@@ -124,7 +130,15 @@ class ServerState:
         #: ``--max-requests`` for this process (0: none), and what to call when it is reached.
         self.max_requests = 0
         self.on_max_requests: Callable[[], None] | None = None
+        #: Called when ``--threads`` threads are stuck at once (``--timeout-request``).
+        self.on_threads_stuck: Callable[[], None] | None = None
         self.idle_changed: asyncio.Event | None = None
+        #: ``--health-path`` as a request-target, or None.
+        self.health_target = (
+            config.health_path.encode("latin-1") if config.health_path is not None else None
+        )
+        #: Set on SIGTERM during ``--shutdown-delay``: serving, but the health check fails.
+        self.draining = False
         #: Forwarded headers and the PROXY protocol (asyncwsgi.proxy).
         self.proxy = ProxySupport(config)
         #: The compiled --access-logformat / --access-log-json, or None for the built-in line.
@@ -144,6 +158,14 @@ class ServerState:
             self.shutting_down = True
             if self.on_max_requests is not None:
                 self.on_max_requests()
+
+    @property
+    def healthy(self) -> bool:
+        """What ``--health-path`` says: serving, not shutting down, draining or recycling, and
+        fewer than ``--threads`` threads stuck."""
+        return (
+            not self.shutting_down and not self.draining and self.pool.stuck < self.config.threads
+        )
 
     def refresh_date(self) -> None:
         """Recompute the Date header (RFC 9110 section 5.6.7 IMF-fixdate), at most once a second."""

@@ -14,7 +14,8 @@ again. Whatever happens during a reload (another SIGHUP, a crash, an old worker 
 its own), the number of serving workers converges to ``--workers``.
 
 Each worker keeps a pipe to the supervisor: it writes ``R`` once it accepts connections, ``M``
-when ``--max-requests`` is reached and it stops accepting (its replacement starts at once), and
+and why (``max_requests``, ``stuck``) when it recycles itself and stops accepting (its
+replacement starts at once), and
 the error that stopped it from booting, and ``H``, a heartbeat, from a timer of its event loop.
 The worker's side of this is :mod:`asyncwsgi.worker`; the checks are :mod:`asyncwsgi.checks`:
 
@@ -91,10 +92,11 @@ from .reloader import Watcher, forget_bytecode
 from .worker import (
     APP_LOAD_ERROR,
     BOOT_ERROR,
-    MAX_REQUESTS,
     READY,
     SUPERVISOR_SIGNALS,
     fork,
+    recycle_cause,
+    recycle_reasons,
     run_worker,
 )
 
@@ -424,12 +426,13 @@ class Supervisor:
                 worker.ready = True
                 self._boot_failures = 0
                 self._last_boot_error = b""
-            if MAX_REQUESTS in codes and worker.pid not in self._retiring:
+            reasons = recycle_reasons(codes)
+            if reasons and worker.pid not in self._retiring:
                 # It stops accepting now and exits once its requests are done.
                 self._retiring.add(worker.pid)
-                error_logger.info(
-                    "Worker (pid: %d) reached --max-requests; starting a new one", worker.pid
-                )
+                worker.recycling = reasons[0]
+                cause = recycle_cause(reasons[0])
+                error_logger.info("Worker (pid: %d) %s; starting a new one", worker.pid, cause)
 
     def _check_workers(self) -> None:
         """Abort the workers whose event loop is silent (they are replaced at once), and mark
@@ -551,7 +554,7 @@ class Supervisor:
                 os.close(worker.ready_fd)
 
     def _stop_workers(self) -> None:
-        """Stop every worker: SIGTERM, and SIGKILL after ``--timeout-graceful-shutdown`` + 5 s.
+        """Stop every worker: SIGTERM; SIGKILL after the shutdown delay, graceful timeout + 5 s.
 
         A worker already told to stop (retiring after a reload) is not told again; the deadline
         bounds its drain as any other's. SIGQUIT, or a second SIGINT, to the supervisor, before
@@ -566,7 +569,8 @@ class Supervisor:
                 if pid not in self._retiring:  # a reload told it already; it is draining
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.config.timeout_graceful_shutdown + 5.0
+        config = self.config
+        deadline = time.monotonic() + config.shutdown_delay + config.timeout_graceful_shutdown + 5
         while self.workers and time.monotonic() < deadline:
             if self._quick and not quick_sent:
                 quick_sent = True

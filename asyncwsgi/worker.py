@@ -5,7 +5,8 @@ the listening sockets it inherited (or its own, with ``--reuse-port``). It keeps
 supervisor and writes one-byte messages on it:
 
 - ``R`` (:data:`READY`) once it accepts connections;
-- ``M`` (:data:`MAX_REQUESTS`) when ``--max-requests`` is reached and it stops accepting;
+- ``M`` (:data:`RECYCLE`), the reason and ``\n`` when it recycles itself and stops accepting:
+  ``--max-requests`` reached (``max_requests``), or ``--threads`` threads stuck (``stuck``);
 - ``E`` (:data:`BOOT_ERROR`) followed by the error text, up to EOF, when it cannot boot;
 - ``H`` (:data:`HEARTBEAT`) every few seconds from a timer of its event loop, so that the
   supervisor sees that the loop runs (``--timeout-worker-healthcheck``).
@@ -22,6 +23,7 @@ import asyncio
 import contextlib
 import faulthandler
 import os
+import re
 import signal
 import socket
 import sys
@@ -39,7 +41,9 @@ if TYPE_CHECKING:
 __all__ = [
     "APP_LOAD_ERROR",
     "READY",
-    "MAX_REQUESTS",
+    "RECYCLE",
+    "recycle_reasons",
+    "recycle_cause",
     "BOOT_ERROR",
     "HEARTBEAT",
     "SUPERVISOR_SIGNALS",
@@ -52,7 +56,7 @@ APP_LOAD_ERROR = 3
 
 # Messages on a worker's pipe to the supervisor.
 READY = b"R"  # accepting connections
-MAX_REQUESTS = b"M"  # --max-requests reached: no longer accepting, draining
+RECYCLE = b"M"  # + reason + b"\n": recycling itself (no longer accepting, draining)
 BOOT_ERROR = b"E"  # followed by the error text, up to EOF
 HEARTBEAT = b"H"  # the event loop runs
 
@@ -65,6 +69,26 @@ SUPERVISOR_SIGNALS = (
     signal.SIGUSR1,
     signal.SIGCHLD,
 )
+
+
+_RECYCLE_RE = re.compile(rb"M([a-z_]*)\n")
+
+
+def recycle_reasons(codes: bytes) -> list[str]:
+    """The reasons of the :data:`RECYCLE` messages in ``codes`` (read from a worker's pipe)."""
+    return [m.group(1).decode("ascii") for m in _RECYCLE_RE.finditer(codes)]
+
+
+#: What the log says of a worker that recycles itself, by the reason it gives.
+_RECYCLE_CAUSES = {
+    "max_requests": "reached --max-requests",
+    "stuck": "has all its threads stuck (--timeout-request)",
+}
+
+
+def recycle_cause(reason: str) -> str:
+    """What the supervisor's log says of a worker recycling itself for ``reason``."""
+    return _RECYCLE_CAUSES.get(reason, f"recycles itself ({reason})")
 
 
 def fork() -> int:
@@ -178,9 +202,9 @@ class _Worker:
             # From now on a message is dropped rather than block the loop on a full pipe (a
             # supervisor that does not read: stopped, or busy stopping its workers).
             os.set_blocking(self.pipe, False)
-            server.on_max_requests = lambda: self.report(MAX_REQUESTS)
-            if server.should_exit.is_set():
-                self.report(MAX_REQUESTS)
+            server.on_recycle = self.report_recycle
+            if server.recycle_reason:
+                self.report_recycle(server.recycle_reason)
             loop = asyncio.get_running_loop()
 
             def beat() -> None:
@@ -204,6 +228,10 @@ class _Worker:
         """Write ``message`` to the supervisor; nothing if it is gone or its pipe is full."""
         with contextlib.suppress(OSError):
             os.write(self.pipe, message)
+
+    def report_recycle(self, reason: str) -> None:
+        """Tell the supervisor that this worker recycles itself, and why (``max_requests``)."""
+        self.report(RECYCLE + reason.encode("ascii") + b"\n")
 
     def report_boot_error(self, text: str) -> None:
         """Hand why the worker could not boot to the supervisor, which shows it once per

@@ -24,6 +24,7 @@ from .events import ResponseHead
 from .filewrapper import FileWrapper
 from .http11 import error_response
 from .logs import LogThrottle, escape
+from .pool import current_thread_ident
 
 if TYPE_CHECKING:
     from ._types import OptExcInfo, WSGIApplication, WSGIEnvironment
@@ -70,6 +71,8 @@ class Sink(Protocol):
 
     can_sendfile: bool
     disconnected: bool
+    #: Set by :func:`run_wsgi` to the ident of the pool thread that calls the application.
+    thread: int
 
     def send(
         self, head: ResponseHead | None, chunks: list[bytes], nbytes: int, end: bool
@@ -208,6 +211,7 @@ def run_wsgi(
     sink: Sink,
     queued_at: float = 0.0,
     queue_timeout: float = 0.0,
+    request_timeout: float = 0.0,
 ) -> None:
     """Run one request through the application and hand its response to ``sink``.
 
@@ -228,23 +232,34 @@ def run_wsgi(
         app: the WSGI application.
         environ: the request's environ (see :func:`asyncwsgi.environ.build_environ`).
         sink: where the response goes.
-        queued_at: ``time.perf_counter()`` when the request was queued for a thread.
+        queued_at: ``time.perf_counter()`` when the request head was complete (0: unknown).
         queue_timeout: seconds the request may have waited; past them it gets 503 with
             ``Retry-After`` and the application is not called. 0 disables the check.
+        request_timeout: ``--timeout-request``, seconds; a request that waited that long has
+            been (or is about to be) answered 504 by the loop, and the application is not
+            called. 0 disables the check.
 
-    A request whose connection is gone by the time a thread takes it (``sink.disconnected``)
-    is dropped without calling the application.
+    The application is never called for a request whose response has already gone out or
+    whose client is gone (``sink.disconnected``: a 504, a reset connection, a shutdown that
+    cut it), nor for one past ``request_timeout``: its side effects would reach nobody. A
+    client that only half-closed is still served. The environ gets
+    ``asyncwsgi.queue_time``: seconds from the complete head to the application call.
     """
-    if sink.disconnected:
-        # The connection went away (or a shutdown cut it) while the request waited for a thread:
-        # nobody would read the response, so the application is not called.
-        logger.debug("client disconnected before %s reached a thread", _path(environ))
+    waited = time.perf_counter() - queued_at if queued_at else 0.0
+    if sink.disconnected or (request_timeout and waited >= request_timeout):
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "%s waited %.1f s for a thread and was answered meanwhile (or its client "
+                "went away); the application is not called",
+                _path(environ),
+                waited,
+            )
         return
-    if queue_timeout:
-        waited = time.perf_counter() - queued_at
-        if waited > queue_timeout:
-            _too_late(environ, sink, waited)
-            return
+    if queue_timeout and waited > queue_timeout:
+        _too_late(environ, sink, waited)
+        return
+    environ["asyncwsgi.queue_time"] = waited
+    sink.thread = current_thread_ident()
     response = _Response(sink)
     result: Iterable[bytes] | None = None
     try:

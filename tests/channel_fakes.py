@@ -102,6 +102,12 @@ class FakePool:
     def submit(self, fn: Callable[..., object], *args: Any) -> None:
         self.calls.append((fn, args))
 
+    #: Threads counted stuck: none, the fake pool has no threads.
+    stuck = 0
+
+    def mark_stuck(self, ident: int) -> str | None:
+        return None
+
 
 class FakeTransport:
     """The ``asyncio.Transport`` methods the channel uses, recording what it does.

@@ -21,6 +21,7 @@ SLOW_FILES = frozenset(
         "test_fuzz.py",
         "test_supervisor.py",
         "test_worker_recovery.py",
+        "test_stuck_threads.py",
         "test_nginx.py",
     }
 )
@@ -35,6 +36,7 @@ SLOW_TESTS = frozenset(
         "test_django_runserver.py::test_runserver_autoreloader_serves_the_edited_view",
         "test_limits.py::test_graceful_timeout_cuts_a_stuck_request_and_close_still_runs",
         "test_server.py::test_graceful_shutdown_serves_the_request_of_a_connection_it_just_accepted",
+        "test_health.py::test_shutdown_delay_keeps_serving_while_the_health_check_fails",
     }
 )
 

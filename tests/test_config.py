@@ -48,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "timeout_linger": 5.0,
     "timeout_graceful_shutdown": 30.0,
     "timeout_worker_healthcheck": 30.0,
+    "shutdown_delay": 0.0,
+    "health_path": None,
     "limit_request_line": 8190,
     "limit_request_fields": 100,
     "limit_request_field_size": 8190,

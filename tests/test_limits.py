@@ -282,8 +282,10 @@ async def test_request_deadline_answers_504_discards_output_and_still_closes() -
             await hello_served(srv.port)  # and its thread is back
             writer.close()
     assert gate.closes == 1
-    (error,) = log.errors()
+    # Its one thread was stuck: no thread was left (the replacement aside), which is critical.
+    (error, critical) = log.errors()
     assert "GET /block?q=1 did not start its response in 0.3 s" in error.getMessage()
+    assert "All 1 threads are stuck" in critical.getMessage()
 
 
 # -- timeout_queue -----------------------------------------------------------------------------
