@@ -52,6 +52,7 @@ class WorkerState:
     #: Read end of the worker's pipe (non-blocking); -1 once the worker closed it.
     ready_fd: int
     started: float
+    bound: bool = False  # its sockets are bound: it may have accepted a connection
     ready: bool = False
     #: What the worker wrote after ``E``: why it could not boot.
     boot_error: bytearray = field(default_factory=bytearray)

@@ -13,11 +13,8 @@ at a time, each old worker getting SIGTERM only once a new one accepts. A worker
 again. Whatever happens during a reload (another SIGHUP, a crash, an old worker that exits on
 its own), the number of serving workers converges to ``--workers``.
 
-Each worker keeps a pipe to the supervisor: it writes ``R`` once it accepts connections, ``M``
-and why (``max_requests``, ``stuck``) when it recycles itself and stops accepting (its
-replacement starts at once), and
-the error that stopped it from booting, and ``H``, a heartbeat, from a timer of its event loop.
-The worker's side of this is :mod:`asyncwsgi.worker`; the checks are :mod:`asyncwsgi.checks`:
+Each worker reports on a pipe (:mod:`asyncwsgi.worker`): bound, ready, recycling itself (its
+replacement starts at once), a boot error, a heartbeat. The checks (:mod:`asyncwsgi.checks`):
 
 - a worker whose loop has not answered for ``--timeout-worker-healthcheck`` seconds gets
   SIGABRT (its faulthandler writes every thread's stack), SIGKILL 2 s later if still alive, and
@@ -92,6 +89,7 @@ from .reloader import Watcher, forget_bytecode
 from .worker import (
     APP_LOAD_ERROR,
     BOOT_ERROR,
+    BOUND,
     READY,
     SUPERVISOR_SIGNALS,
     fork,
@@ -318,7 +316,8 @@ class Supervisor:
         """A reload request: the workers of every older generation are to be replaced.
 
         A worker still booting an older generation is stopped at once (SIGKILL: it has served
-        nothing yet), so that it never serves outdated code.
+        nothing yet), so that it never serves outdated code; one that has bound its sockets
+        (it may have accepted a connection) gets SIGTERM, and finishes what it accepted.
         """
         self._generation += 1
         systemd.notify(*systemd.reloading())
@@ -332,7 +331,7 @@ class Supervisor:
         for worker in self._active():
             self._read_messages(worker)
             if not worker.ready:
-                self._retire(worker, signal.SIGKILL)
+                self._retire(worker, signal.SIGTERM if worker.bound else signal.SIGKILL)
 
     def _active(self) -> list[WorkerState]:
         """The workers not told to stop, oldest first."""
@@ -422,6 +421,8 @@ class Supervisor:
             codes, error, text = data.partition(BOOT_ERROR)
             if error:
                 worker.boot_error += error + text
+            if BOUND in codes:
+                worker.bound = True
             if READY in codes and not worker.ready:
                 worker.ready = True
                 self._boot_failures = 0

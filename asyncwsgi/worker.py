@@ -4,6 +4,8 @@ A worker imports the application itself, then serves it with :func:`asyncwsgi.se
 the listening sockets it inherited (or its own, with ``--reuse-port``). It keeps a pipe to the
 supervisor and writes one-byte messages on it:
 
+- ``B`` (:data:`BOUND`) once its sockets are bound, just before it accepts connections: from
+  then on it may have served a request;
 - ``R`` (:data:`READY`) once it accepts connections;
 - ``M`` (:data:`RECYCLE`), the reason and ``\n`` when it recycles itself and stops accepting:
   ``--max-requests`` reached (``max_requests``), or ``--threads`` threads stuck (``stuck``);
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "APP_LOAD_ERROR",
+    "BOUND",
     "READY",
     "RECYCLE",
     "recycle_reasons",
@@ -55,6 +58,7 @@ __all__ = [
 APP_LOAD_ERROR = 3
 
 # Messages on a worker's pipe to the supervisor.
+BOUND = b"B"  # sockets bound: accepting from now on
 READY = b"R"  # accepting connections
 RECYCLE = b"M"  # + reason + b"\n": recycling itself (no longer accepting, draining)
 BOOT_ERROR = b"E"  # followed by the error text, up to EOF
@@ -192,13 +196,13 @@ class _Worker:
         boot_signals.hand_over()
 
         def bound() -> None:
-            # Ready is reported once the sockets are bound and before any connection is
-            # accepted: a worker the supervisor has not heard from has served nothing, so a
-            # reload may kill it if it is still booting an outdated version.
-            self.booted = True
-            self.report(READY)
+            # Before any connection is accepted: a worker that has not said so has served
+            # nothing, and a reload may kill it if it still boots an outdated version.
+            self.report(BOUND)
 
         def started(server: Server) -> None:
+            self.booted = True
+            self.report(READY)
             # From now on a message is dropped rather than block the loop on a full pipe (a
             # supervisor that does not read: stopped, or busy stopping its workers).
             os.set_blocking(self.pipe, False)
