@@ -40,8 +40,13 @@ def installed_dists(python: Path | str, names: Sequence[str]) -> dict[str, str |
         "    except m.PackageNotFoundError: out[n] = None\n"
         "print(json.dumps(out))\n"
     )
+    # Run outside the repository: its asyncwsgi.egg-info would pass for an installed asyncwsgi.
     proc = subprocess.run(
-        [str(python), "-c", code, *names], capture_output=True, text=True, check=False
+        [str(python), "-c", code, *names],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=BENCH_DIR / "wrk",
     )
     if proc.returncode != 0:
         return dict.fromkeys(names)
@@ -49,8 +54,20 @@ def installed_dists(python: Path | str, names: Sequence[str]) -> dict[str, str |
     return result
 
 
+def project_dependencies() -> list[str]:
+    """asyncwsgi's own dependencies, from pyproject.toml (a new one reaches an existing venv)."""
+    import tomllib
+
+    try:
+        project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return []
+    return list(project.get("dependencies", []))
+
+
 def ensure_venv(requirements: Sequence[str], reinstall: bool) -> bool:
     """Create ``benchmarks/.venv`` if needed and install what is missing; False on failure."""
+    requirements = [*requirements, *project_dependencies()]
     python = venv_python()
     if not python.exists():
         log(f"creating virtualenv {VENV_DIR}")

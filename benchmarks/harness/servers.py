@@ -4,6 +4,7 @@ scenario, tuned (``--threads``, backlog, keep-alive, connection limit) or with i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,21 @@ def cmd_asyncwsgi(ctx: LaunchContext) -> list[str]:
         cmd += ["--threads", str(ctx.threads), "--backlog", str(TUNED_BACKLOG)]
         cmd += ["--timeout-keep-alive", str(TUNED_KEEP_ALIVE_S)]
     return cmd
+
+
+#: ``asyncwsgi-baseline`` serves the asyncwsgi of this source tree (another checkout, such as a
+#: ``git worktree`` of the revision to compare against), for a before/after A/B in one run.
+BASELINE_ENV = "ASYNCWSGI_BASELINE"
+
+
+def cmd_asyncwsgi_baseline(ctx: LaunchContext) -> list[str]:
+    tree = os.environ.get(BASELINE_ENV)
+    if not tree:
+        raise SystemExit(f"asyncwsgi-baseline needs ${BASELINE_ENV}: a checkout to compare with")
+    # The checkout goes first on sys.path, ahead of this repository's asyncwsgi.
+    run = "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+    run += "runpy.run_module('asyncwsgi', run_name='__main__', alter_sys=True)"
+    return [ctx.python, "-c", run, os.path.abspath(tree), *cmd_asyncwsgi(ctx)[3:]]
 
 
 def cmd_gunicorn_gthread(ctx: LaunchContext) -> list[str]:
@@ -250,6 +266,15 @@ SERVERS: dict[str, Server] = {
             cmd_nginx,
             scenarios=NGINX_SCENARIOS,
             reference=True,
+        ),
+        Server(
+            "asyncwsgi-baseline",
+            f"asyncwsgi from ${BASELINE_ENV} (a before/after A/B; reference, not a peer)",
+            (),
+            ("asyncwsgi",),
+            cmd_asyncwsgi_baseline,
+            reference=True,
+            default_threads=32,
         ),
         Server(
             "floor-h11",
