@@ -20,6 +20,7 @@ from .errors import InvalidResponse, RequestRejected
 from .events import ResponseHead
 from .filewrapper import FileWrapper
 from .logs import access_logger, error_logger, escape
+from .metrics import count_rejected, rejection_reason
 from .sendfile import FileSender
 from .wsgi import RETRY_AFTER
 
@@ -270,6 +271,7 @@ def reject(self: HTTPChannel, exc: RequestRejected) -> None:
             cycle.sink.disconnect()
         if cycle.body is not None:
             cycle.body.disconnect("invalid request body")
+    count_rejected(self.server.metrics, rejection_reason(exc.status), exc.status, cycle)
     data = self.conn.send_rejection(exc.status, exc.reason, self.server.date_header)
     if data and self.transport is not None and self.state not in ENDING:
         self._write(data)
@@ -302,6 +304,7 @@ def overloaded(self: HTTPChannel, cycle: RequestCycle) -> None:
             self._request_line(cycle),
             count,
         )
+    count_rejected(server.metrics, "limit_concurrency")
     self._answer(cycle, 503, (b"Retry-After", RETRY_AFTER))
 
 
@@ -313,6 +316,7 @@ def head_timeout(self: HTTPChannel) -> None:
             self.client,
             self.config.timeout_request_header,
         )
+    count_rejected(self.server.metrics, "header_timeout", 408)
     data = self.conn.send_rejection(
         408, "request head not complete in time", self.server.date_header
     )
@@ -333,6 +337,7 @@ def request_timeout(self: HTTPChannel, cycle: RequestCycle, sink: ResponseSink) 
         self._request_line(cycle),
         self.config.timeout_request,
     )
+    count_rejected(self.server.metrics, "request_timeout")
     sink.disconnect()
     if cycle.body is not None:
         cycle.body.disconnect("the request timed out")

@@ -87,6 +87,7 @@ from .checks import (
 )
 from .config import Config
 from .logs import error_logger, reopen_log_files
+from .metrics import SupervisorMetrics
 from .reloader import Watcher, forget_bytecode
 from .worker import (
     APP_LOAD_ERROR,
@@ -156,6 +157,7 @@ class Supervisor:
         self._announce = True  # sd_notify READY=1 once the newest generation serves in full
         self._watchdog = systemd.watchdog_interval()  # seconds between WATCHDOG=1; 0: off
         self._next_ping = 0.0
+        self._metrics = SupervisorMetrics(config)  # --metrics-bind
 
     # -- supervisor process ---------------------------------------------------------------------
 
@@ -193,6 +195,7 @@ class Supervisor:
             self._stop_workers()
         finally:
             self._watcher.stop()
+            self._metrics.close()
             signal.set_wakeup_fd(-1)
             for signum in _SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
@@ -226,6 +229,7 @@ class Supervisor:
                 worker = self.workers.get(key.data)
                 if worker is not None:
                     self._read_messages(worker)
+        self._metrics.collect(self.workers, self._retiring, self._generation)
         self._check_workers()
         self._reap()
         changed, self._changes = self._changes, []
@@ -461,6 +465,7 @@ class Supervisor:
                 self._selector.unregister(worker.ready_fd)
                 os.close(worker.ready_fd)
             code = os.waitstatus_to_exitcode(status)
+            self._metrics.worker_exited(worker, code, pid in self._retiring, self._stopping)
             if pid in self._retiring:
                 self._retiring.discard(pid)
                 if worker.aborted:

@@ -240,11 +240,12 @@ def run_wsgi(
         # nobody would read the response, so the application is not called.
         logger.debug("client disconnected before %s reached a thread", _path(environ))
         return
-    if queue_timeout:
-        waited = time.perf_counter() - queued_at
-        if waited > queue_timeout:
-            _too_late(environ, sink, waited)
-            return
+    waited = time.perf_counter() - queued_at
+    if queue_timeout and waited > queue_timeout:
+        environ["asyncwsgi.rejected"] = "queue_timeout"  # for the metrics (on the loop)
+        _too_late(environ, sink, waited)
+        return
+    environ["asyncwsgi.queue_time"] = waited
     response = _Response(sink)
     result: Iterable[bytes] | None = None
     try:
