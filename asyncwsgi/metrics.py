@@ -166,7 +166,7 @@ def empty_snapshot() -> Snapshot:
 
 def add_snapshots(total: Snapshot, part: Snapshot, gauges: bool = True) -> None:
     """Add ``part``'s counters (and its gauges, unless ``gauges`` is False) into ``total``."""
-    for name in ("requests", "rejected", "gauges" if gauges else "requests"):
+    for name in ("requests", "rejected", "gauges") if gauges else ("requests", "rejected"):
         counts = total[name]
         for key, value in part.get(name, {}).items():
             counts[key] = counts.get(key, 0) + value
