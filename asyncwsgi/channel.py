@@ -437,6 +437,8 @@ class HTTPChannel(asyncio.Protocol):
         """Log the access line, then start the next keep-alive cycle or close."""
         server = self.server
         server.requests_done += 1
+        if server.metrics is not None:
+            server.metrics.request_done(cycle)
         if access_logger.isEnabledFor(logging.INFO):
             self._log_access(cycle)
         self.cycle = None

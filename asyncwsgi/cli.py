@@ -202,6 +202,10 @@ def _supervise(app_spec: str, config: Config) -> int:
             raise AppLoadError(
                 "--reload needs watchfiles: pip install 'asyncwsgi[reload]'"
             ) from None
+    if config.metrics_bind is not None:
+        from .metrics import require_prometheus_client
+
+        require_prometheus_client()  # ConfigError: reported before anything starts
     setup_logging(config)  # before forking: the workers inherit it
     loader = functools.partial(load_app, app_spec, app_dir=config.app_dir, factory=config.factory)
     return Supervisor(loader, config).run()

@@ -341,6 +341,13 @@ class Config:
         default_text="the built-in line",
     )
     access_log_json: bool = _opt(False, "one JSON object per access line", group="Logging")
+    metrics_bind: str | None = _opt(
+        None,
+        "serve Prometheus metrics at http://HOST:PORT/metrics",
+        group="Logging",
+        metavar="ADDRESS",
+        default_text="off",
+    )
 
     # -- TLS (uvicorn's names) ------------------------------------------------------------------
     ssl_certfile: str | None = _opt(
@@ -556,5 +563,7 @@ def _check_operation(config: Config) -> None:
     assert config.forwarded_allow_ips is not None
     TrustedPeers(config.forwarded_allow_ips)
     parse_trust_headers(config.forwarded_trust_headers)
+    if config.metrics_bind is not None and parse_bind(config.metrics_bind).kind != "tcp":
+        raise ConfigError(f"metrics_bind must be HOST:PORT, got {config.metrics_bind!r}")
     if config.access_logformat is not None:
         AccessFormat(config.access_logformat, json=config.access_log_json)

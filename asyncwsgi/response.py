@@ -22,6 +22,7 @@ from .errors import InvalidResponse, RequestRejected
 from .events import ResponseHead
 from .filewrapper import FileWrapper
 from .logs import access_logger, error_logger, escape
+from .metrics import count_rejected, rejection_reason
 from .pool import thread_stack
 from .sendfile import FileSender
 from .wsgi import RETRY_AFTER
@@ -274,6 +275,7 @@ def reject(self: Channel, exc: RequestRejected) -> None:
             cycle.sink.disconnect()
         if cycle.body is not None:
             cycle.body.disconnect("invalid request body")
+    count_rejected(self.server.metrics, rejection_reason(exc.status), exc.status, cycle)
     data = self.conn.send_rejection(exc.status, exc.reason, self.server.date_header)
     if data and self.transport is not None and self.state not in ENDING:
         self._write(data)
@@ -304,6 +306,7 @@ def overloaded(self: Channel, cycle: RequestCycle) -> None:
             self._request_line(cycle),
             count,
         )
+    count_rejected(server.metrics, "limit_concurrency")
     self._answer(cycle, 503, (b"Retry-After", RETRY_AFTER))
 
 
@@ -325,6 +328,7 @@ def head_timeout(self: Channel) -> None:
             self.client,
             self.config.timeout_request_header,
         )
+    count_rejected(self.server.metrics, "header_timeout", 408)
     data = self.conn.send_rejection(
         408, "request head not complete in time", self.server.date_header
     )
@@ -366,6 +370,7 @@ def request_timeout(self: Channel, cycle: RequestCycle, sink: ResponseSink) -> N
         )
         if stuck == self.config.threads and server.on_threads_stuck is not None:
             server.on_threads_stuck()
+    count_rejected(server.metrics, "request_timeout")
     sink.disconnect()
     if cycle.body is not None:
         cycle.body.disconnect("the request timed out")

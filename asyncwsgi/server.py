@@ -389,6 +389,8 @@ class Server:
             if spec.kind == "unix" and self._sockets is None:
                 with contextlib.suppress(OSError):
                     os.unlink(spec.path)
+        if state.metrics is not None:
+            await state.metrics.close()
         self._stopped.set()
 
     async def __aenter__(self) -> Server:

@@ -11,6 +11,7 @@ from .accesslog import AccessFormat
 from .config import Config
 from .connstate import TimedConnection, TimeoutPolicy
 from .logs import LogThrottle
+from .metrics import Recorder
 from .proxy import ProxySupport
 from .strict import RequestLimits
 
@@ -148,6 +149,8 @@ class ServerState:
             else None
         )
         self.refresh_date()
+        #: ``--metrics-bind``: the counters of asyncwsgi.metrics, or None.
+        self.metrics = Recorder(self) if config.metrics_bind else None
 
     def count_request(self) -> None:
         """A request was accepted; the one that reaches ``max_requests`` (counting those done

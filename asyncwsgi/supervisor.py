@@ -22,9 +22,7 @@ replacement starts at once), a boot error, a heartbeat. The checks (:mod:`asyncw
 - a worker over ``--workers-max-rss`` or ``--workers-lifetime`` (checked every second) joins an
   older generation: it is replaced as in a reload, its replacement first.
 
-Under systemd (``$NOTIFY_SOCKET``) the supervisor, not the workers, sends ``READY=1`` once the
-newest generation serves in full, ``RELOADING=1`` on each new generation, ``STOPPING=1``, and
-``WATCHDOG=1`` while a worker's heartbeat is fresh (:mod:`asyncwsgi.systemd`).
+Under systemd the supervisor, not the workers, sends sd_notify messages (:mod:`asyncwsgi.systemd`).
 
 Signals, as gunicorn's arbiter, except that SIGINT is graceful the first time:
 
@@ -44,13 +42,11 @@ the boot is retried after 0.25 s, 0.5 s, 1 s... (at most 4 s between tries). Aft
 failed to boot", unless workers of an older generation still serve: then the reload is
 abandoned, they keep serving, and the next SIGHUP tries again.
 
-``--reload`` is the same machinery with one worker and a file watcher (watchfiles, in a process
-of its own, :mod:`asyncwsgi.reloader`): every change starts a new generation, so a change during
-a reload is never lost, and a worker still booting an outdated version is stopped before it can
-serve it. The supervisor keeps the listening socket, so a browser never sees a refused
-connection. A worker that cannot boot the changed application shows the error once, is retried
-once after 0.25 s (a file still being written), and the old worker keeps serving until the next
-change.
+``--reload`` is the same machinery with one worker and a file watcher (:mod:`asyncwsgi.reloader`):
+every change starts a new generation, so none is lost, and a worker still booting an outdated
+version is stopped before it serves. A worker that cannot boot the changed application shows the
+error once, is retried once after 0.25 s (a file still being written), and the old worker keeps
+serving until the next change.
 
 A signal sent to the whole process group (systemd's ``KillMode=control-group``, Ctrl-C in a
 terminal) reaches each worker directly as well as forwarded, which is why a worker takes a
@@ -85,6 +81,7 @@ from .checks import (
 )
 from .config import Config
 from .logs import error_logger, reopen_log_files
+from .metrics import SupervisorMetrics
 from .reloader import Watcher, forget_bytecode
 from .worker import (
     APP_LOAD_ERROR,
@@ -156,6 +153,7 @@ class Supervisor:
         self._announce = True  # sd_notify READY=1 once the newest generation serves in full
         self._watchdog = systemd.watchdog_interval()  # seconds between WATCHDOG=1; 0: off
         self._next_ping = 0.0
+        self._metrics = SupervisorMetrics(config)  # --metrics-bind
 
     # -- supervisor process ---------------------------------------------------------------------
 
@@ -193,6 +191,7 @@ class Supervisor:
             self._stop_workers()
         finally:
             self._watcher.stop()
+            self._metrics.close()
             signal.set_wakeup_fd(-1)
             for signum in _SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
@@ -226,6 +225,7 @@ class Supervisor:
                 worker = self.workers.get(key.data)
                 if worker is not None:
                     self._read_messages(worker)
+        self._metrics.collect(self.workers, self._retiring, self._generation)
         self._check_workers()
         self._reap()
         changed, self._changes = self._changes, []
@@ -465,6 +465,7 @@ class Supervisor:
                 self._selector.unregister(worker.ready_fd)
                 os.close(worker.ready_fd)
             code = os.waitstatus_to_exitcode(status)
+            self._metrics.worker_exited(worker, code, pid in self._retiring, self._stopping)
             if pid in self._retiring:
                 self._retiring.discard(pid)
                 if worker.aborted:

@@ -256,6 +256,7 @@ def run_wsgi(
             )
         return
     if queue_timeout and waited > queue_timeout:
+        environ["asyncwsgi.rejected"] = "queue_timeout"  # for the metrics (on the loop)
         _too_late(environ, sink, waited)
         return
     environ["asyncwsgi.queue_time"] = waited

@@ -21,6 +21,7 @@ SLOW_FILES = frozenset(
         "test_fuzz.py",
         "test_supervisor.py",
         "test_worker_recovery.py",
+        "test_metrics.py",
         "test_stuck_threads.py",
         "test_nginx.py",
     }

@@ -68,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "access_logfile": None,
     "access_logformat": None,
     "access_log_json": False,
+    "metrics_bind": None,
     "ssl_certfile": None,
     "ssl_keyfile": None,
     "ssl_keyfile_password": None,
