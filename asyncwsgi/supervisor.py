@@ -20,9 +20,8 @@ replacement starts at once), a boot error, a heartbeat. The checks (:mod:`asyncw
   SIGABRT (its faulthandler writes every thread's stack), SIGKILL 2 s later if still alive, and
   is replaced at once, as gunicorn's "WORKER TIMEOUT";
 - a worker over ``--workers-max-rss`` or ``--workers-lifetime`` (checked every second) joins an
-  older generation: it is replaced as in a reload, its replacement first.
-
-Under systemd the supervisor, not the workers, sends sd_notify messages (:mod:`asyncwsgi.systemd`).
+  older generation: it is replaced as in a reload, its replacement first;
+- sd_notify (``$NOTIFY_SOCKET``) is the supervisor's, not the workers' (:mod:`asyncwsgi.systemd`).
 
 Signals, as gunicorn's arbiter, except that SIGINT is graceful the first time:
 
