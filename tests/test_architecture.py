@@ -139,6 +139,8 @@ def test_no_module_is_over_the_line_limit() -> None:
     long = {
         str(path.relative_to(ROOT)): count
         for path in paths
-        if (count := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+        # Not what a run installs or leaves (benchmarks/.venv): only the project's own modules.
+        if not any(part.startswith(".") for part in path.relative_to(ROOT).parts)
+        and (count := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES
     }
     assert not long, f"modules over {MAX_LINES} lines: {long}"
