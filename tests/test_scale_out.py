@@ -239,6 +239,7 @@ frontend web
 
 backend app
     balance roundrobin
+    http-request disable-l7-retry if !METH_GET
     option httpchk GET /healthz
     http-check expect status 200
     default-server inter 200ms fall 1 rise 1
