@@ -13,8 +13,8 @@ import threading
 
 import pytest
 
-#: Files whose every test is slow: soak, fuzz, supervisor (forked workers), a real nginx, and
-#: subprocesses that import a framework or start the server per test.
+#: Files whose every test is slow: soak, fuzz, supervisor (forked workers), a real nginx or
+#: HAProxy, and subprocesses that import a framework or start the server per test.
 SLOW_FILES = frozenset(
     {
         "test_soak.py",
@@ -24,6 +24,7 @@ SLOW_FILES = frozenset(
         "test_metrics.py",
         "test_stuck_threads.py",
         "test_nginx.py",
+        "test_scale_out.py",
     }
 )
 
