@@ -392,6 +392,8 @@ async def _run(cell: Cell) -> None:
         inv.check_no_desync(name, reader)
         if graceful:
             inv.check_started_complete(name, reader)
+        if reader.closed:
+            client.close()  # as a client does at EOF: a lingering close then ends at once
     if other is not None:
         occupier, other_reader = other
         if event == "shutdown":
@@ -399,6 +401,8 @@ async def _run(cell: Cell) -> None:
             app.gate.set()
         await occupier.read(other_reader)
         inv.check_no_desync(name, other_reader)
+        if other_reader.closed:
+            occupier.close()
     if event == "shutdown":
         await task
         return
