@@ -58,6 +58,16 @@ _PAUSE_WRITE = 4  # WRITE_PAUSED: the client must read before its next request
 _REQUEST_RECEIVED = (PeerState.DONE, PeerState.MUST_CLOSE)
 
 
+def _asked_to_close(request: Request) -> bool:
+    """Whether ``request`` ends its connection itself (RFC 9112 section 9.3): ``Connection:
+    close``, or HTTP/1.0 without ``keep-alive``; such a client sends no next request."""
+    tokens: set[bytes] = set()
+    for name, value in request.headers:
+        if name == b"connection":
+            tokens.update(token.strip(b" \t").lower() for token in value.split(b","))
+    return b"close" in tokens or (request.http_version == b"1.0" and b"keep-alive" not in tokens)
+
+
 def _half_high_water(high_water: int) -> int:
     """Bytes of ``write_high_water`` for each of the two places unsent output waits.
 
@@ -453,7 +463,7 @@ class HTTPChannel(asyncio.Protocol):
             )
             conn.bytes_discarded = 0
         if not keep_alive or not conn.keep_alive or server.shutting_down:
-            self._close_after_response()
+            self._close_after_response(_asked_to_close(cycle.request))
             return
         conn.start_next_cycle()
         self.served = True
@@ -521,16 +531,21 @@ class HTTPChannel(asyncio.Protocol):
 
     # -- closing ----------------------------------------------------------------------------------
 
-    def _close_after_response(self) -> None:
+    def _close_after_response(self, client_closes: bool = True) -> None:
         """Close; linger first when the client may still be sending.
 
         Closing a socket with unread input makes the kernel send a reset, which can destroy
-        the response before the client has read it (RFC 9112 section 9.6).
+        the response before the client has read it (RFC 9112 section 9.6). ``client_closes``
+        False: the server, not the request, ends a keep-alive connection (a graceful shutdown,
+        ``--max-requests``, an error), so the client may send its next request before it reads
+        ``Connection: close``: linger.
         """
         if self.state in ENDING:
             return
         if self.peer_eof or (
-            not self._reading_paused_by and self.conn.their_state in _REQUEST_RECEIVED
+            client_closes
+            and not self._reading_paused_by
+            and self.conn.their_state in _REQUEST_RECEIVED
         ):
             self.close()
         else:

@@ -243,6 +243,48 @@ async def test_graceful_shutdown_lets_a_lingering_connection_finish() -> None:
     writer.close()
 
 
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+async def test_next_request_sent_as_the_shutdown_closes_does_not_reset_the_response(
+    loop_name: str,
+) -> None:
+    """A keep-alive client may send its next request before it reads the ``Connection:
+    close`` of a response the shutdown ends its connection with. Unread, that request makes the
+    kernel answer the close with a reset, which destroys the tail of the response still on its
+    way (RFC 9112 section 9.6): the server half-closes and lingers instead."""
+    size = 4 * MiB
+    arrived, release = threading.Event(), threading.Event()
+
+    def app(environ: Environ, start_response: Any) -> Iterable[bytes]:
+        arrived.set()
+        release.wait(TIMEOUT)
+        start_response("200 OK", [("Content-Length", str(size))])
+        return [b"r" * size]
+
+    async def scenario() -> tuple[bytes, bool]:
+        server = Server(app, Config(host="127.0.0.1", port=0, write_high_water=4 * size))
+        await server.start()
+        sock = small_window_socket(server.addresses[0][1])
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(request("/"))
+        assert await asyncio.to_thread(arrived.wait, TIMEOUT)
+        shutdown = asyncio.ensure_future(server.shutdown(3 * TIMEOUT))
+        await asyncio.sleep(0)  # one loop turn: the shutdown task runs up to its first wait
+        assert server.state.shutting_down
+        release.set()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert b"connection: close" in head.lower()
+        # The whole list body went to the transport with the head, and the server decided.
+        assert all(channel.closing for channel in server.state.channels)
+        writer.write(request("/next"))
+        body, reset = await read_to_end(reader)
+        writer.close()  # the server lingers until the client closes
+        await asyncio.wait_for(shutdown, TIMEOUT)
+        return body, reset
+
+    body, reset = await _in_loop(loop_name, scenario)
+    assert (len(body), reset) == (size, False)
+
+
 # -- a file that changes while sendfile(2) sends it --------------------------------------------
 
 

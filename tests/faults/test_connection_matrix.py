@@ -27,6 +27,7 @@ import pytest
 
 from asyncwsgi import Config, Server
 from asyncwsgi.channel import HTTPChannel
+from asyncwsgi.connstate import ConnState
 
 from . import invariants as inv
 from .app import BLOCK, FILE_SIZE, GATED_BODY, FaultApp, file_content, gated_body, ok_body
@@ -288,7 +289,8 @@ async def _run(cell: Cell) -> None:
     if phase == "head":
         await client.send(b"GET /ok?id=1 HTTP/1.1\r\nHost: x\r\n")
         await cell.until(
-            lambda: any(ch.idle_since is None for ch in cell.channels), "head bytes received"
+            lambda: any(ch.state is ConnState.READING_HEAD for ch in cell.channels),
+            "head bytes received",
         )
         rest = b"\r\n"
     elif phase == "queued":
@@ -310,9 +312,7 @@ async def _run(cell: Cell) -> None:
     elif phase == "sendfile":
         await client.get("/file?id=1")
         await cell.until(
-            lambda: any(
-                ch.cycle is not None and ch.cycle.file_sender is not None for ch in cell.channels
-            ),
+            lambda: any(ch.state is ConnState.SENDING_FILE for ch in cell.channels),
             "sendfile in progress",
         )
         expected.append(inv.Expect("/file id=1", file_content()))
@@ -392,6 +392,8 @@ async def _run(cell: Cell) -> None:
         inv.check_no_desync(name, reader)
         if graceful:
             inv.check_started_complete(name, reader)
+        if reader.closed:
+            client.close()  # as a client does at EOF: a lingering close then ends at once
     if other is not None:
         occupier, other_reader = other
         if event == "shutdown":
@@ -399,6 +401,8 @@ async def _run(cell: Cell) -> None:
             app.gate.set()
         await occupier.read(other_reader)
         inv.check_no_desync(name, other_reader)
+        if other_reader.closed:
+            occupier.close()
     if event == "shutdown":
         await task
         return

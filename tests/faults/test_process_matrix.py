@@ -41,14 +41,14 @@ import os, sys, time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _wait(name):
-    while not os.path.exists(os.path.join(HERE, name)):
+def _wait(*names):
+    while not any(os.path.exists(os.path.join(HERE, name)) for name in names):
         time.sleep(0.01)  # the application's own pace: it waits for the test's go-ahead
 
 
 if os.path.exists(os.path.join(HERE, "boot.hold")):
     print("booting %d held" % os.getpid(), file=sys.stderr, flush=True)
-    _wait("boot.go")
+    _wait("boot.go", "boot.go.%d" % os.getpid())
 
 
 def app(environ, start_response):
@@ -73,6 +73,7 @@ PHASES = {
     "booting": "worker booting (respawned after a crash)",
     "draining": "worker draining (retired by SIGHUP)",
     "reload": "a reload in progress (the replacement is booting)",
+    "reload_last": "a reload in progress (the replacement of the last old worker is booting)",
 }
 SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 EVENTS = [
@@ -80,12 +81,17 @@ EVENTS = [
     *(f"{name}-twice" for name in SIGNALS),
     "SIGKILL-worker",
 ]
+#: Cells outside the phase x event product: the crash of the last old worker of a reload while
+#: its replacement boots, and log reopening (SIGUSR1, after the access log was rotated) while a
+#: worker boots.
+EXTRA_CELLS = [("reload_last", "SIGKILL-worker"), ("booting", "SIGUSR1-one")]
+ACCESS_LOG = "access.log"
 
 
 class Supervisor:
     """``asyncwsgi serve`` in a new session; its stderr lines are collected as they arrive."""
 
-    def __init__(self, cwd: Path, port: int) -> None:
+    def __init__(self, cwd: Path, port: int, *extra: str) -> None:
         self.lines: list[str] = []
         self._queue: queue.Queue[str] = queue.Queue()
         self.proc = subprocess.Popen(
@@ -99,9 +105,9 @@ class Supervisor:
                 str(port),
                 "-w",
                 str(WORKERS),
-                "--no-access-log",
                 "--timeout-graceful-shutdown",
-                "5",
+                str(GRACEFUL),
+                *extra,
             ],
             cwd=cwd,
             stderr=subprocess.PIPE,
@@ -202,8 +208,12 @@ def _free_port() -> int:
 
 def _cells() -> Iterator[object]:
     for phase in PHASES:
+        if phase == "reload_last":
+            continue  # its one cell is in EXTRA_CELLS
         for event in EVENTS:
             yield pytest.param(phase, event, id=f"{phase}-{event}")
+    for phase, event in EXTRA_CELLS:
+        yield pytest.param(phase, event, id=f"{phase}-{event}")
 
 
 @pytest.mark.parametrize(("phase", "event"), list(_cells()))
@@ -211,7 +221,10 @@ def test_cell(phase: str, event: str, tmp_path: Path) -> None:
     name = f"{phase} x {event}"
     (tmp_path / "faultapp.py").write_text(APP)
     port = _free_port()
-    sup = Supervisor(tmp_path, port)
+    extra = ["--no-access-log"]
+    if event.startswith("SIGUSR1"):
+        extra = ["--access-logfile", ACCESS_LOG, "--access-logformat", "%(p)s %(r)s"]
+    sup = Supervisor(tmp_path, port, *extra)
     try:
         _run(name, phase, event, tmp_path, port, sup)
     finally:
@@ -228,6 +241,7 @@ def _run(name: str, phase: str, event: str, tmp: Path, port: int, sup: Superviso
     holder = int(sup.wait_for(r"holding (\d+)")[0][1])
     first = inv.check_worker_count(name, sup.pid, WORKERS)
     other = next(pid for pid in first if pid != holder)
+    booting = 0
     # -- the phase ---------------------------------------------------------------------------
     if phase == "booting":
         (tmp / "boot.hold").touch()
@@ -237,11 +251,22 @@ def _run(name: str, phase: str, event: str, tmp: Path, port: int, sup: Superviso
         (tmp / "boot.hold").touch()
         os.kill(sup.pid, signal.SIGHUP)
         booting = int(sup.wait_for(r"booting (\d+) held")[0][1])
+    elif phase == "reload_last":
+        # The first replacement boots and accepts, one old worker is told to stop, and the
+        # replacement of the last old worker is held while it boots.
+        (tmp / "boot.hold").touch()
+        os.kill(sup.pid, signal.SIGHUP)
+        released = sup.wait_for(r"booting (\d+) held")[0][1]
+        (tmp / f"boot.go.{released}").touch()
+        stopped = int(sup.wait_for(r"Stopping worker \(pid: (\d+)\) of generation 0")[0][1])
+        booting = int(sup.wait_for(r"booting (\d+) held", count=2)[1][1])
+        last = next(pid for pid in first if pid != stopped)
     elif phase == "draining":
         os.kill(sup.pid, signal.SIGHUP)
         sup.wait_for(rf"\[{holder}\] \[INFO\] Received SIGTERM, shutting down")
     # -- the event ---------------------------------------------------------------------------
     signame, _, target = event.partition("-")
+    victim = 0
     started = time.monotonic()
     if signame == "SIGKILL":
         # The crash of a worker: the booting one, or one other than the holder's (in the
@@ -251,7 +276,14 @@ def _run(name: str, phase: str, event: str, tmp: Path, port: int, sup: Superviso
             victim = booting
         elif phase == "draining":
             victim = holder
+        elif phase == "reload_last":
+            victim = last
         os.kill(victim, signal.SIGKILL)
+    elif signame == "SIGUSR1":
+        # logrotate moves the access log away, then asks every process to reopen its files.
+        os.rename(tmp / ACCESS_LOG, tmp / f"{ACCESS_LOG}.1")
+        os.kill(sup.pid, signal.SIGUSR1)
+        sup.wait_for(rf"\[{sup.pid}\] \[INFO\] Received SIGUSR1, reopening")
     else:
         signum = signal.Signals[signame]
         if target == "group":
@@ -263,7 +295,9 @@ def _run(name: str, phase: str, event: str, tmp: Path, port: int, sup: Superviso
             if signame in with_reaction:
                 sup.wait_for(with_reaction[signame])
             elif signame == "SIGHUP":
-                sup.wait_for("Reloading: replacing worker", count=2 if phase == "draining" else 1)
+                # The first one started its generation (the phase's own SIGHUP started one).
+                reloads = 2 if phase in ("draining", "reload") else 1
+                sup.wait_for(rf"Handling signal: hup; starting generation {reloads}\b")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(sup.pid, signum)
     (tmp / "boot.go").touch()
@@ -272,7 +306,7 @@ def _run(name: str, phase: str, event: str, tmp: Path, port: int, sup: Superviso
     # -- the invariants ----------------------------------------------------------------------
     stopping = signame in ("SIGTERM", "SIGINT", "SIGQUIT")
     immediate = signame == "SIGQUIT" or (signame == "SIGINT" and target == "twice")
-    cut = signame == "SIGKILL" and phase == "draining"
+    cut = signame == "SIGKILL" and victim == holder
     inv.check_no_desync(name, held.reader)
     if not immediate and not cut:
         inv.check_started_complete(name, held.reader)
@@ -284,7 +318,8 @@ def _run(name: str, phase: str, event: str, tmp: Path, port: int, sup: Superviso
             inv.fail(name, "graceful shutdown exits 0", 0, status)
         inv.check_no_child_leak(name, sup.booted())
         return
-    _settle(name, sup, first if signame == "SIGHUP" else set())
+    reloading = signame == "SIGHUP" or phase in ("draining", "reload", "reload_last")
+    workers = _settle(name, sup, first if reloading else set())
     inv.check_within(name, "reload", time.monotonic() - started, GRACEFUL)
     deadline = time.monotonic() + inv.SLACK
     while len(inv.open_fds(sup.pid)) > fds and time.monotonic() < deadline:
@@ -292,6 +327,8 @@ def _run(name: str, phase: str, event: str, tmp: Path, port: int, sup: Superviso
     after = len(inv.open_fds(sup.pid))
     if after > fds:
         inv.fail(name, "no fd leak (supervisor)", f"<= {fds} descriptors", after)
+    if signame == "SIGUSR1":
+        _check_logs_reopened(name, sup, tmp, port, workers, booting)
     os.kill(sup.pid, signal.SIGTERM)
     status, _ = sup.exit_within(GRACEFUL + 5.0 + inv.SLACK)
     inv.check_no_child_leak(name, sup.booted())
@@ -325,3 +362,31 @@ _LISTENING = re.compile(r"\[(\d+)\] \[INFO\] Listening at")
 
 #: Seconds an immediate shutdown (SIGQUIT, a second SIGINT) may take.
 SLACK_QUIT = 1.0
+
+
+def _check_logs_reopened(
+    name: str, sup: Supervisor, tmp: Path, port: int, workers: set[int], booting: int
+) -> None:
+    """SIGUSR1 reached every worker, the one that was booting included: each says so once it is
+    up, and a request the booted worker serves is logged to the new file, not the rotated one."""
+    for pid in sorted(workers):
+        sup.wait_for(rf"\[{pid}\] \[INFO\] Received SIGUSR1, reopening")
+    deadline = time.monotonic() + DEADLINE
+    while True:  # the kernel spreads connections over the workers: ask until the booted one answers
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
+            sock.sendall(b"GET /pid HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        if reply.endswith(b"\r\n\r\n%d" % booting):
+            break
+        if time.monotonic() > deadline:
+            inv.fail(name, "log reopening reaches every worker", f"a reply of {booting}", reply)
+    line = f"<{booting}> GET /pid HTTP/1.1"
+    new, rotated = tmp / ACCESS_LOG, tmp / f"{ACCESS_LOG}.1"
+    while line not in (new.read_text() if new.exists() else ""):
+        if line in rotated.read_text():
+            inv.fail(name, "log reopening reaches every worker", f"{line!r} in {new}", rotated)
+        if time.monotonic() > deadline:
+            inv.fail(name, "log reopening reaches every worker", f"{line!r} in {new}", "none")
+        time.sleep(0.02)  # polling a file another process writes, bounded by the deadline
