@@ -29,7 +29,7 @@ from typing import Final
 
 import h11
 
-from .events import PeerState, Request
+from .events import PeerState, Request, connection_options
 
 __all__ = [
     "PUBLIC_ONLY",
@@ -117,10 +117,7 @@ PEER_STATES: Final = {
 
 def asks_keep_alive(request: h11.Request) -> bool:
     """Whether the request's Connection field has ``keep-alive`` and not ``close``."""
-    tokens: set[bytes] = set()
-    for name, value in request.headers:
-        if name == b"connection":
-            tokens.update(token.strip(b" \t").lower() for token in value.split(b","))
+    tokens = connection_options(request.headers)
     return b"keep-alive" in tokens and b"close" not in tokens
 
 

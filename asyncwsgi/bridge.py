@@ -32,12 +32,24 @@ if TYPE_CHECKING:
     from .filewrapper import FileWrapper
 
 __all__ = [
+    "half_high_water",
     "ResponseSink",
     "ResponseTarget",
     "RequestBody",
     "BodyTarget",
     "EMPTY_BODY",
 ]
+
+
+def half_high_water(high_water: int) -> int:
+    """Bytes of ``write_high_water`` for each of the two places unsent output waits.
+
+    Output waits in the transport's buffer, and in the :class:`ResponseSink` between the pool
+    thread and the loop. Each gets half of the mark: the pool thread stops passing data on above
+    its half, the transport pauses the pool thread (and the next request) above its own, so a
+    connection holds at most ``write_high_water`` bytes plus the block passed on last.
+    """
+    return max(1, high_water // 2)
 
 
 class ResponseTarget(Protocol):

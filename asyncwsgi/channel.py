@@ -24,7 +24,7 @@ import typing
 from typing import Any
 
 from . import response
-from .bridge import EMPTY_BODY, RequestBody, ResponseSink
+from .bridge import EMPTY_BODY, RequestBody, ResponseSink, half_high_water
 from .connstate import (
     CLOSED,
     CLOSING,
@@ -56,27 +56,6 @@ _PAUSE_BODY = 2  # the request body buffer is full
 _PAUSE_WRITE = 4  # WRITE_PAUSED: the client must read before its next request
 
 _REQUEST_RECEIVED = (PeerState.DONE, PeerState.MUST_CLOSE)
-
-
-def _asked_to_close(request: Request) -> bool:
-    """Whether ``request`` ends its connection itself (RFC 9112 section 9.3): ``Connection:
-    close``, or HTTP/1.0 without ``keep-alive``; such a client sends no next request."""
-    tokens: set[bytes] = set()
-    for name, value in request.headers:
-        if name == b"connection":
-            tokens.update(token.strip(b" \t").lower() for token in value.split(b","))
-    return b"close" in tokens or (request.http_version == b"1.0" and b"keep-alive" not in tokens)
-
-
-def _half_high_water(high_water: int) -> int:
-    """Bytes of ``write_high_water`` for each of the two places unsent output waits.
-
-    Output waits in the transport's buffer, and in the :class:`ResponseSink` between the pool
-    thread and the loop. Each gets half of the mark: the pool thread stops passing data on above
-    its half, the transport pauses the pool thread (and the next request) above its own, so a
-    connection holds at most ``write_high_water`` bytes plus the block passed on last.
-    """
-    return max(1, high_water // 2)
 
 
 class HTTPChannel(asyncio.Protocol):
@@ -230,7 +209,7 @@ class HTTPChannel(asyncio.Protocol):
             transport.get_extra_info("sslcontext") is None
             and transport.get_extra_info("socket") is not None
         )
-        transport.set_write_buffer_limits(high=_half_high_water(config.write_high_water))
+        transport.set_write_buffer_limits(high=half_high_water(config.write_high_water))
         self.state_since = server.clock()
         channels = server.channels
         channels.add(self)
@@ -391,7 +370,7 @@ class HTTPChannel(asyncio.Protocol):
         sink = cycle.sink = ResponseSink(
             call,
             self,
-            _half_high_water(config.write_high_water),
+            half_high_water(config.write_high_water),
             config.timeout_write,
             self.can_sendfile,
         )
@@ -463,7 +442,7 @@ class HTTPChannel(asyncio.Protocol):
             )
             conn.bytes_discarded = 0
         if not keep_alive or not conn.keep_alive or server.shutting_down:
-            self._close_after_response(_asked_to_close(cycle.request))
+            self._close_after_response(cycle.request.asks_to_close())
             return
         conn.start_next_cycle()
         self.served = True

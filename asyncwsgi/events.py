@@ -18,7 +18,7 @@ layer chooses its framing (RFC 9112 section 6) from the facts the channel passes
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final, NamedTuple
 
 __all__ = [
@@ -40,6 +40,15 @@ __all__ = [
 
 #: Header fields: ``(name, value)`` pairs of latin-1 bytes.
 HeaderList = Sequence[tuple[bytes, bytes]]
+
+
+def connection_options(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """The lower-cased tokens of the Connection fields in ``headers`` (RFC 9110 section 7.6.1)."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(token.strip(b" \t").lower() for token in value.split(b","))
+    return tokens
 
 
 class Request:
@@ -65,6 +74,12 @@ class Request:
 
     def __repr__(self) -> str:
         return f"Request(method={self.method!r}, target={self.target!r})"
+
+    def asks_to_close(self) -> bool:
+        """Whether this request ends its connection itself (RFC 9112 section 9.3): ``Connection:
+        close``, or HTTP/1.0 without ``keep-alive``; such a client sends no next request."""
+        tokens = connection_options(self.headers)
+        return b"close" in tokens or (self.http_version == b"1.0" and b"keep-alive" not in tokens)
 
 
 class Data:
