@@ -19,7 +19,7 @@ from .connstate import ENDING, SENDING_FILE
 from .errors import InvalidResponse, RequestRejected
 from .events import ResponseHead
 from .filewrapper import FileWrapper
-from .logs import access_logger, error_logger, escape
+from .logs import access_line_handler, access_logger, error_logger, escape
 from .sendfile import FileSender
 from .wsgi import RETRY_AFTER
 
@@ -221,8 +221,15 @@ def write(self: HTTPChannel, data: bytes) -> None:
 # -- the access log ---------------------------------------------------------------------
 
 
+#: The built-in access line (see :mod:`asyncwsgi.logs`).
+_ACCESS_LINE = '%s - "%s %s HTTP/%s" %d %d %.3fms'
+
+
 def log_access(self: HTTPChannel, cycle: RequestCycle) -> None:
+    """Log the access line of ``cycle``: straight into the access log's batch when asyncwsgi's
+    own handler is its only one, else as a logging record (see :mod:`asyncwsgi.logs`)."""
     request = cycle.request
+    handler = access_line_handler()
     access_format = self.server.access_format
     if access_format is not None:
         record = AccessRecord(
@@ -237,10 +244,12 @@ def log_access(self: HTTPChannel, cycle: RequestCycle) -> None:
             sent=self.conn.body_bytes_sent,
             duration=time.perf_counter() - cycle.started,
         )
-        access_logger.info("%s", access_format.render(record))
+        if handler is not None:
+            handler.add(access_format.render(record))
+        else:
+            access_logger.info("%s", access_format.render(record))
         return
-    access_logger.info(
-        '%s - "%s %s HTTP/%s" %d %d %.3fms',
+    args = (
         self.client,
         escape(request.method.decode("latin-1")),
         escape(request.target.decode("latin-1")),
@@ -249,6 +258,10 @@ def log_access(self: HTTPChannel, cycle: RequestCycle) -> None:
         self.conn.body_bytes_sent,
         (time.perf_counter() - cycle.started) * 1000.0,
     )
+    if handler is not None:
+        handler.add(_ACCESS_LINE % args)
+    else:
+        access_logger.info(_ACCESS_LINE, *args)
 
 
 def request_line(self: HTTPChannel, cycle: RequestCycle) -> str:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from .channel import HTTPChannel
 from .config import BindSpec, Config
-from .logs import LogThrottle, error_logger, reopen_log_files, setup_logging
+from .logs import LogThrottle, error_logger, flush_logs, reopen_log_files, setup_logging
 from .pool import ThreadPool
 from .state import ServerState
 from .tls import create_ssl_context
@@ -161,7 +161,7 @@ class Server:
         self.started.set()
 
     async def _housekeep(self) -> None:
-        """Refresh the Date header, enforce the connections' timeouts, report a saturated pool.
+        """Refresh the Date header, enforce timeouts, report a saturated pool, write access lines.
 
         One sweep over the connections, about once a second, and four times per the shortest
         timeout when that is shorter: requests arm no timers of their own. A sweep is spread
@@ -180,6 +180,7 @@ class Server:
         while True:
             await asyncio.sleep(interval / slices)
             state.refresh_date()
+            flush_logs()
             now = clock()
             perf_now = time.perf_counter()
             if done >= len(sweep):
@@ -344,6 +345,7 @@ class Server:
             if spec.kind == "unix" and self._sockets is None:
                 with contextlib.suppress(OSError):
                     os.unlink(spec.path)
+        flush_logs()  # every access line, whatever ended the server (SIGQUIT too)
         self._stopped.set()
 
     async def __aenter__(self) -> Server:
