@@ -25,6 +25,7 @@ import os
 import sys
 import time
 import weakref
+from collections import deque
 from typing import Any, Protocol, TextIO
 
 from .errors import ConfigError
@@ -93,8 +94,10 @@ class BatchingHandler(logging.StreamHandler[TextIO]):
         prefixed: format records in gunicorn's error-log shape (``[time] [pid] [LEVEL] msg``);
             else the bare message, as ``--access-logfile`` writes it.
 
-    Any thread: every method takes the handler's lock. A batch that cannot be written (disk
-    full, a closed pipe) is dropped and reported once through :meth:`logging.Handler.handleError`.
+    Any thread. :meth:`add` takes no lock: it appends to a :class:`collections.deque`, which
+    a writer on another thread empties from the other end, under the handler's lock. A batch
+    that cannot be written (disk full, a closed pipe) is dropped and reported once through
+    :meth:`logging.Handler.handleError`.
     """
 
     def __init__(self, stream: TextIO, *, prefixed: bool) -> None:
@@ -110,8 +113,8 @@ class BatchingHandler(logging.StreamHandler[TextIO]):
         )
         self.setFormatter(self.own_formatter)
         self._prefixed = prefixed
-        self._lines: list[str] = []
-        self._size = 0
+        self._lines: deque[str] = deque()
+        self._size = 0  # characters gathered; a race with a writer only brings a write forward
         self._second = -1  # the second self._prefix was made for
         self._prefix = ""
         _batching.add(self)
@@ -126,14 +129,10 @@ class BatchingHandler(logging.StreamHandler[TextIO]):
                 self._prefix = f"[{stamp}] [{os.getpid()}] [INFO] "
                 self._second = now
             message = self._prefix + message
-        self.acquire()
-        try:
-            self._lines.append(message)
-            self._size += len(message) + 1
-            if self._size >= BATCH_SIZE:
-                self._write_batch()
-        finally:
-            self.release()
+        self._lines.append(message)
+        self._size += len(message) + 1
+        if self._size >= BATCH_SIZE:
+            self.flush()
 
     def emit(self, record: logging.LogRecord) -> None:
         """Batch an ``asyncwsgi.access`` record; write any other at once, after the batch.
@@ -162,25 +161,27 @@ class BatchingHandler(logging.StreamHandler[TextIO]):
     def _write_batch(self) -> None:
         """Write the gathered lines with one ``write`` and flush the stream. Lock held."""
         lines = self._lines
-        if not lines:
+        count = len(lines)
+        if not count:
             return
-        self._lines = []
         self._size = 0
-        stream = self._open_stream()
-        if stream is None:
-            return
+        popleft = lines.popleft  # add() may append meanwhile, at the other end
+        batch = [popleft() for _ in range(count)]
         try:
-            stream.write("\n".join(lines) + "\n")
+            stream = self._open_stream()
+            stream.write("\n".join(batch) + "\n")
             stream.flush()
-        except OSError:
-            self.handleError(logging.makeLogRecord({"msg": lines[0], "name": access_logger.name}))
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": batch[0], "name": access_logger.name}))
 
-    def _open_stream(self) -> TextIO | None:
+    def _open_stream(self) -> TextIO:
         return self.stream
 
     def _after_fork(self) -> None:
         """In a forked child: the parent writes the lines gathered before the fork."""
-        self._lines = []
+        self._lines.clear()
         self._size = 0
         self._second = -1
 
@@ -197,7 +198,7 @@ class BatchingFileHandler(BatchingHandler, logging.FileHandler):
         logging.FileHandler.__init__(self, path, encoding="utf-8")
         self._start_batching(prefixed=False)
 
-    def _open_stream(self) -> TextIO | None:
+    def _open_stream(self) -> TextIO:
         if self.stream is None:  # closed, as logging.FileHandler.emit does: open again
             self.stream = self._open()
         return self.stream
