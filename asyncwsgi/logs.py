@@ -26,7 +26,7 @@ import sys
 import time
 import weakref
 from collections import deque
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from .errors import ConfigError
 
@@ -86,7 +86,13 @@ BATCH_SIZE = 64 * 1024
 _batching: weakref.WeakSet[BatchingHandler] = weakref.WeakSet()
 
 
-class BatchingHandler(logging.StreamHandler[TextIO]):
+if TYPE_CHECKING:
+    _StreamHandler = logging.StreamHandler[TextIO]
+else:  # generic at run time from Python 3.11 only
+    _StreamHandler = logging.StreamHandler
+
+
+class BatchingHandler(_StreamHandler):
     """A stream handler that writes access lines in batches and any other record at once.
 
     Args:
