@@ -94,3 +94,24 @@ def test_a_worker_leaving_after_max_requests_writes_its_lines(tmp_path: Path) ->
         assert logged_paths(log.read_text()) == paths
     finally:
         assert proc.stop() == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGQUIT])
+def test_workers_write_every_line_when_the_supervisor_stops(tmp_path: Path, signum: int) -> None:
+    """Workers end with os._exit(), where no logging.shutdown() runs: each writes its lines
+    itself, on a graceful stop and on SIGQUIT's stop-now alike."""
+    log = tmp_path / "access.log"
+    port = _free_port()
+    proc = Proc(
+        ["tests.apps:hello", "--port", str(port), "-w", "2", "--access-logfile", str(log)], tmp_path
+    )
+    paths = [f"/w{i}" for i in range(COUNT)]
+    try:
+        proc.wait_for("Listening at", count=2)
+        request_paths(port, paths[: COUNT // 2])
+        request_paths(port, paths[COUNT // 2 :])  # perhaps to the other worker
+        proc.proc.send_signal(signum)
+        assert proc.proc.wait(DEADLINE) == 0
+    finally:
+        proc.stop()
+    assert sorted(logged_paths(log.read_text())) == sorted(paths)
