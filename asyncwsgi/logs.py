@@ -5,6 +5,17 @@ escapes, so a request cannot forge log lines (log injection). The access line is
 "common" shape plus the duration::
 
     127.0.0.1:51234 - "GET /path?q=1 HTTP/1.1" 200 13 0.412ms
+
+The handlers that :func:`setup_logging` installs are :class:`BatchingHandler` s: access lines
+gather in memory and are written in batches, as nginx's ``access_log ... buffer=64k flush=1s``,
+instead of one ``write(2)`` each. A batch is written when :data:`BATCH_SIZE` has gathered, by
+:func:`flush_logs` (which the server's housekeeping calls about ten times a second, and at every
+shutdown), before SIGUSR1 reopens the files (:func:`reopen_log_files`), before any other record
+the handler writes (so an error line never comes before the access lines of earlier requests),
+and at exit (:func:`logging.shutdown`). While the access logger writes to such a handler alone,
+the server hands it finished lines (:func:`access_line_handler`) and makes no
+:class:`logging.LogRecord` at all; with any other handler in the way (``--log-config``, a test's
+``caplog``) access lines are ordinary records, as before.
 """
 
 from __future__ import annotations
@@ -13,7 +24,9 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Protocol
+import weakref
+from collections import deque
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from .errors import ConfigError
 
@@ -24,6 +37,11 @@ __all__ = [
     "configure_logging",
     "LoggingSettings",
     "LogThrottle",
+    "BatchingHandler",
+    "BatchingFileHandler",
+    "BATCH_SIZE",
+    "access_line_handler",
+    "flush_logs",
     "setup_logging",
     "load_log_config",
     "TRACE",
@@ -61,14 +79,186 @@ def _level(level: str) -> int:
     return TRACE if level == "trace" else int(getattr(logging, level.upper()))
 
 
+#: Characters of access lines (about bytes: they are mostly ASCII) gathered before a batch is
+#: written; nginx's ``access_log ... buffer=64k``.
+BATCH_SIZE = 64 * 1024
+
+_batching: weakref.WeakSet[BatchingHandler] = weakref.WeakSet()
+
+
+if TYPE_CHECKING:
+    _StreamHandler = logging.StreamHandler[TextIO]
+else:  # generic at run time from Python 3.11 only
+    _StreamHandler = logging.StreamHandler
+
+
+class BatchingHandler(_StreamHandler):
+    """A stream handler that writes access lines in batches and any other record at once.
+
+    Args:
+        stream: where lines go (``sys.stderr``, ``sys.stdout``).
+        prefixed: format records in gunicorn's error-log shape (``[time] [pid] [LEVEL] msg``);
+            else the bare message, as ``--access-logfile`` writes it.
+
+    Any thread. :meth:`add` takes no lock: it appends to a :class:`collections.deque`, which
+    a writer on another thread empties from the other end, under the handler's lock. A batch
+    that cannot be written (disk full, a closed pipe) is dropped and reported once through
+    :meth:`logging.Handler.handleError`.
+    """
+
+    def __init__(self, stream: TextIO, *, prefixed: bool) -> None:
+        super().__init__(stream)
+        self._start_batching(prefixed)
+
+    def _start_batching(self, prefixed: bool) -> None:
+        #: The formatter the handler was made with; :meth:`add` writes what it would.
+        self.own_formatter = (
+            logging.Formatter(_FORMAT, _DATE_FORMAT)
+            if prefixed
+            else logging.Formatter("%(message)s")
+        )
+        self.setFormatter(self.own_formatter)
+        self._prefixed = prefixed
+        self._lines: deque[str] = deque()
+        self._size = 0  # characters gathered; a race with a writer only brings a write forward
+        self._second = -1  # the second self._prefix was made for
+        self._prefix = ""
+        _batching.add(self)
+
+    def add(self, message: str) -> None:
+        """Add one access line, ``message`` as an INFO record of it would read before
+        formatting: the same line as :meth:`emit` makes, without the record. Loop thread."""
+        if self._prefixed:
+            now = int(time.time())
+            if now != self._second:  # the time and pid change once a second at most
+                stamp = time.strftime(_DATE_FORMAT, time.localtime(now))
+                self._prefix = f"[{stamp}] [{os.getpid()}] [INFO] "
+                self._second = now
+            message = self._prefix + message
+        self._lines.append(message)
+        self._size += len(message) + 1
+        if self._size >= BATCH_SIZE:
+            self.flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Batch an ``asyncwsgi.access`` record; write any other at once, after the batch.
+        Called with the lock held (:meth:`logging.Handler.handle`)."""
+        try:
+            self._lines.append(self.format(record))
+            if record.name == access_logger.name:
+                self._size += len(self._lines[-1]) + 1
+                if self._size < BATCH_SIZE:
+                    return
+            self._write_batch()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        """Write the batch, then flush the stream."""
+        self.acquire()
+        try:
+            self._write_batch()
+            super().flush()
+        finally:
+            self.release()
+
+    def _write_batch(self) -> None:
+        """Write the gathered lines with one ``write`` and flush the stream. Lock held."""
+        lines = self._lines
+        count = len(lines)
+        if not count:
+            return
+        self._size = 0
+        popleft = lines.popleft  # add() may append meanwhile, at the other end
+        batch = [popleft() for _ in range(count)]
+        try:
+            stream = self._open_stream()
+            stream.write("\n".join(batch) + "\n")
+            stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": batch[0], "name": access_logger.name}))
+
+    def _open_stream(self) -> TextIO:
+        return self.stream
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent writes the lines gathered before the fork."""
+        self._lines.clear()
+        self._size = 0
+        self._second = -1
+
+
+class BatchingFileHandler(BatchingHandler, logging.FileHandler):
+    """A :class:`BatchingHandler` on a file, appended to (``--access-logfile PATH``); a
+    :class:`logging.FileHandler`, so :func:`reopen_log_files` reopens it.
+
+    Raises:
+        OSError: the file cannot be opened.
+    """
+
+    def __init__(self, path: str) -> None:
+        logging.FileHandler.__init__(self, path, encoding="utf-8")
+        self._start_batching(prefixed=False)
+
+    def _open_stream(self) -> TextIO:
+        if self.stream is None:  # closed, as logging.FileHandler.emit does: open again
+            self.stream = self._open()
+        return self.stream
+
+
+def _after_fork_in_child() -> None:
+    for handler in list(_batching):
+        handler._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def flush_logs() -> None:
+    """Write the access lines every :class:`BatchingHandler` has gathered. Any thread; the
+    server calls it from its housekeeping (about ten times a second) and at shutdown."""
+    for handler in list(_batching):
+        handler.flush()
+
+
+def access_line_handler() -> BatchingHandler | None:
+    """The handler to give access lines to directly (:meth:`BatchingHandler.add`), or None
+    when they must be logging records: the access logger has a filter, or a handler that is not
+    one of ours or not as we made it, or propagates to a logger with handlers. Loop thread;
+    checked per line, so that a handler added at run time gets the next one."""
+    logger = access_logger
+    handlers = logger.handlers
+    if len(handlers) != 1 or logger.filters:
+        return None
+    handler = handlers[0]
+    if (
+        not isinstance(handler, BatchingHandler)
+        or handler.formatter is not handler.own_formatter
+        or handler.filters
+        or handler.level > logging.INFO
+    ):
+        return None
+    parent = logger.parent if logger.propagate else None
+    while parent is not None:
+        if parent.handlers:
+            return None
+        parent = parent.parent if parent.propagate else None
+    return handler
+
+
 def configure_logging(level: str, access_log: bool) -> None:
-    """Send both loggers to stderr in gunicorn's format, at ``level`` (``info``, ``debug``...).
+    """Send both loggers to stderr in gunicorn's format, at ``level`` (``info``, ``debug``...),
+    through one :class:`BatchingHandler`: access lines are written in batches, at most a
+    housekeeping tick (a tenth of a second) late, and every other record at once.
 
     Used by the CLI and :func:`asyncwsgi.run` when no ``log_config`` is given; ``serve()``
     leaves logging to its host program.
     """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_FORMAT, _DATE_FORMAT))
+    handler = BatchingHandler(sys.stderr, prefixed=True)
     for logger in (error_logger, access_logger):
         logger.handlers[:] = [handler]
         logger.propagate = False
@@ -117,15 +307,14 @@ def setup_logging(config: LoggingSettings) -> None:
     if config.access_logfile:
         handler: logging.Handler
         if config.access_logfile == "-":
-            handler = logging.StreamHandler(sys.stdout)
+            handler = BatchingHandler(sys.stdout, prefixed=False)
         else:
             try:
-                handler = logging.FileHandler(config.access_logfile, encoding="utf-8")
+                handler = BatchingFileHandler(config.access_logfile)
             except OSError as exc:
                 raise ConfigError(
                     f"cannot open access_logfile {config.access_logfile!r}: {exc.strerror or exc}"
                 ) from None
-        handler.setFormatter(logging.Formatter("%(message)s"))
         access_logger.handlers[:] = [handler]
         access_logger.propagate = False
     if config.log_config:

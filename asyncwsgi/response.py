@@ -21,7 +21,7 @@ from .connstate import ENDING, SENDING_FILE
 from .errors import InvalidResponse, RequestRejected
 from .events import ResponseHead
 from .filewrapper import FileWrapper
-from .logs import access_logger, error_logger, escape
+from .logs import access_line_handler, access_logger, error_logger, escape
 from .metrics import count_rejected, rejection_reason
 from .pool import thread_stack
 from .sendfile import FileSender
@@ -226,8 +226,15 @@ def write(self: Channel, data: bytes) -> None:
 # -- the access log ---------------------------------------------------------------------
 
 
+#: The built-in access line (see :mod:`asyncwsgi.logs`).
+_ACCESS_LINE = '%s - "%s %s HTTP/%s" %d %d %.3fms'
+
+
 def log_access(self: Channel, cycle: RequestCycle) -> None:
+    """Log the access line of ``cycle``: straight into the access log's batch when asyncwsgi's
+    own handler is its only one, else as a logging record (see :mod:`asyncwsgi.logs`)."""
     request = cycle.request
+    handler = access_line_handler()
     access_format = self.server.access_format
     if access_format is not None:
         record = AccessRecord(
@@ -242,10 +249,12 @@ def log_access(self: Channel, cycle: RequestCycle) -> None:
             sent=self.conn.body_bytes_sent,
             duration=time.perf_counter() - cycle.started,
         )
-        access_logger.info("%s", access_format.render(record))
+        if handler is not None:
+            handler.add(access_format.render(record))
+        else:
+            access_logger.info("%s", access_format.render(record))
         return
-    access_logger.info(
-        '%s - "%s %s HTTP/%s" %d %d %.3fms',
+    args = (
         self.client,
         escape(request.method.decode("latin-1")),
         escape(request.target.decode("latin-1")),
@@ -254,6 +263,10 @@ def log_access(self: Channel, cycle: RequestCycle) -> None:
         self.conn.body_bytes_sent,
         (time.perf_counter() - cycle.started) * 1000.0,
     )
+    if handler is not None:
+        handler.add(_ACCESS_LINE % args)
+    else:
+        access_logger.info(_ACCESS_LINE, *args)
 
 
 def request_line(self: Channel, cycle: RequestCycle) -> str:

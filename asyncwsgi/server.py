@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from .channel import HTTPChannel
 from .config import Config
 from .listeners import accept_backlog, bind_socket, listen_url
-from .logs import LogThrottle, error_logger, reopen_log_files, setup_logging
+from .logs import LogThrottle, error_logger, flush_logs, reopen_log_files, setup_logging
 from .pool import ThreadPool
 from .state import Channel, ServerState
 from .tls import create_ssl_context
@@ -174,7 +174,7 @@ class Server:
         self.started.set()
 
     async def _housekeep(self) -> None:
-        """Refresh the Date header, enforce the connections' timeouts, report a saturated pool.
+        """Refresh the Date header, enforce timeouts, report a saturated pool, write access lines.
 
         One sweep over the connections, about once a second, and four times per the shortest
         timeout when that is shorter: requests arm no timers of their own. A sweep is spread
@@ -193,6 +193,7 @@ class Server:
         while True:
             await asyncio.sleep(interval / slices)
             state.refresh_date()
+            flush_logs()
             now = clock()
             perf_now = time.perf_counter()
             if done >= len(sweep):
@@ -391,6 +392,7 @@ class Server:
                     os.unlink(spec.path)
         if state.metrics is not None:
             await state.metrics.close()
+        flush_logs()  # every access line, whatever ended the server (SIGQUIT too)
         self._stopped.set()
 
     async def __aenter__(self) -> Server:

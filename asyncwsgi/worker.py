@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from . import systemd
 from .config import Config
+from .logs import flush_logs
 
 if TYPE_CHECKING:
     from ._types import WSGIApplication
@@ -145,6 +146,7 @@ def run_worker(
     except BaseException:
         worker.report_boot_error(traceback.format_exc())
     finally:
+        flush_logs()  # os._exit() follows: no logging.shutdown() to write the last access lines
         sys.stdout.flush()
         sys.stderr.flush()
     return status

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import base64
 import importlib
+import io
 import json
 import logging
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,12 @@ import pytest
 from asyncwsgi import Config, ConfigError, accesslog
 from asyncwsgi.accesslog import AccessFormat, AccessRecord
 from asyncwsgi.logs import (
+    BATCH_SIZE,
+    BatchingHandler,
+    access_line_handler,
     access_logger,
     error_logger,
+    flush_logs,
     load_log_config,
     reopen_log_files,
     setup_logging,
@@ -341,6 +347,139 @@ def test_reopen_keeps_the_old_file_when_the_path_cannot_be_opened(
 def test_access_logfile_that_cannot_be_opened(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot open access_logfile"):
         setup_logging(Config(access_logfile=str(tmp_path / "no" / "such" / "dir.log")))
+
+
+# -- access lines in batches --------------------------------------------------------------------
+
+
+class CountingStream(io.StringIO):
+    """A text stream that counts its ``write`` calls (one ``write(2)`` each on a real file)."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_access_lines_are_written_in_batches() -> None:
+    stream = CountingStream()
+    handler = BatchingHandler(stream, prefixed=False)
+    for i in range(100):
+        handler.add(f"line {i}")
+    assert stream.writes == 0  # gathered, not written one by one
+    handler.flush()
+    assert stream.writes == 1
+    assert stream.getvalue().splitlines() == [f"line {i}" for i in range(100)]
+    line = "x" * 1023
+    for _ in range(BATCH_SIZE // 1024 - 1):
+        handler.add(line)
+    assert stream.writes == 1
+    handler.add(line)  # BATCH_SIZE gathered: written without waiting for a flush
+    assert stream.writes == 2
+    assert len(stream.getvalue().splitlines()) == 100 + BATCH_SIZE // 1024
+
+
+def test_other_records_are_written_at_once_after_the_access_lines() -> None:
+    stream = CountingStream()
+    handler = BatchingHandler(stream, prefixed=True)
+    handler.add("access 1")
+    handler.handle(
+        access_logger.makeRecord(access_logger.name, logging.INFO, "", 0, "access 2", (), None)
+    )
+    assert stream.writes == 0
+    handler.handle(
+        error_logger.makeRecord(error_logger.name, logging.ERROR, "", 0, "boom", (), None)
+    )
+    assert stream.writes == 1
+    lines = stream.getvalue().splitlines()
+    assert [line.rpartition("] ")[2] for line in lines] == ["access 1", "access 2", "boom"]
+    assert "[ERROR] boom" in lines[2]
+
+
+@pytest.mark.parametrize("prefixed", [True, False])
+def test_a_batched_line_reads_as_the_record_would(
+    prefixed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """add() writes what formatting an INFO record of the same message writes, gunicorn's
+    ``[time] [pid] [INFO]`` prefix included, with the time made once a second."""
+    now = 1_700_000_000.25
+    monkeypatch.setattr(time, "time", lambda: now)
+    stream = io.StringIO()
+    handler = BatchingHandler(stream, prefixed=prefixed)
+    record = access_logger.makeRecord(
+        access_logger.name, logging.INFO, "", 0, "GET / 200", (), None
+    )
+    record.created = now
+    handler.add("GET / 200")
+    handler.flush()
+    assert stream.getvalue() == handler.format(record) + "\n"
+
+
+class ListHandler(logging.Handler):
+    """Keeps the messages of the records it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.usefixtures("restore_loggers")
+async def test_access_lines_skip_logging_records_while_only_our_handler_writes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "access.log"
+    setup_logging(Config(access_logfile=str(path)))
+    assert access_line_handler() is access_logger.handlers[0]
+    made: list[str] = []
+    make_record = logging.Logger.makeRecord
+
+    def counting(self: logging.Logger, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        made.append(self.name)
+        return make_record(self, *args, **kwargs)
+
+    monkeypatch.setattr(logging.Logger, "makeRecord", counting)
+    async with running(apps.hello) as srv:
+        for i in range(3):
+            request = f"GET /{i} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+            await exchange(srv.port, request.encode())
+    assert access_logger.name not in made
+    lines = path.read_text().splitlines()  # written at shutdown at the latest
+    assert [line.split('"')[1] for line in lines] == [f"GET /{i} HTTP/1.1" for i in range(3)]
+
+
+@pytest.mark.usefixtures("restore_loggers")
+@pytest.mark.parametrize("where", ["access", "root"])
+async def test_another_handler_gets_access_records(tmp_path: Path, where: str) -> None:
+    """A handler beside ours, on the access logger or on a logger it propagates to (what
+    ``--log-config`` sets up), gets ordinary records; our file still gets every line."""
+    path = tmp_path / "access.log"
+    setup_logging(Config(access_logfile=str(path)))
+    other = ListHandler()
+    logger = access_logger if where == "access" else logging.getLogger()
+    logger.addHandler(other)
+    access_logger.propagate = where == "root"  # restore_loggers puts it back
+    try:
+        assert access_line_handler() is None
+        async with running(apps.hello) as srv:
+            request = b"GET /rec HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+            await exchange(srv.port, request)
+    finally:
+        logger.removeHandler(other)
+    (line,) = other.messages
+    assert '"GET /rec HTTP/1.1" 200 13' in line
+    assert path.read_text() == line + "\n"
+
+
+def test_flush_logs_writes_every_batch() -> None:
+    stream = io.StringIO()
+    handler = BatchingHandler(stream, prefixed=False)
+    handler.add("pending")
+    flush_logs()
+    assert stream.getvalue() == "pending\n"
 
 
 def dict_config(path: Path) -> dict[str, Any]:
