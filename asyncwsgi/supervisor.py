@@ -186,9 +186,9 @@ class Supervisor:
                 self._start_watcher()
             while not self._stopping:
                 self._tick(self._next_timeout())
-            systemd.notify("STOPPING=1")
-            self._stop_workers()
         finally:
+            systemd.notify("STOPPING=1")
+            self._stop_workers()  # after an unexpected error too: no worker is left behind
             self._watcher.stop()
             self._metrics.close()
             signal.set_wakeup_fd(-1)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from . import systemd
 from .config import Config
-from .logs import flush_logs
+from .logs import error_logger, flush_logs
 
 if TYPE_CHECKING:
     from ._types import WSGIApplication
@@ -212,8 +212,15 @@ class _Worker:
             if server.recycle_reason:
                 self.report_recycle(server.recycle_reason)
             loop = asyncio.get_running_loop()
+            supervisor = os.getppid()
 
             def beat() -> None:
+                if os.getppid() != supervisor:
+                    # The supervisor died (SIGKILL, a crash): nothing would stop this worker,
+                    # so it stops itself, gracefully (gunicorn's "Parent changed").
+                    error_logger.warning("Supervisor (pid: %d) is gone; shutting down", supervisor)
+                    server.should_exit.set()
+                    return
                 self.report(HEARTBEAT)
                 loop.call_later(self.heartbeat, beat)
 

@@ -142,6 +142,26 @@ def test_killed_worker_is_replaced(workers: tuple[Proc, int]) -> None:
     assert _get(port).split()[1] == "v1"
 
 
+def test_workers_stop_when_the_supervisor_is_killed(workers: tuple[Proc, int]) -> None:
+    """A supervisor killed outright (SIGKILL, the OOM killer) leaves no worker serving on."""
+    proc, _ = workers
+    pids = _worker_pids(proc)
+    supervisor = proc.proc.pid
+    proc.proc.kill()
+    proc.wait_for(rf"Supervisor \(pid: {supervisor}\) is gone; shutting down", count=2)
+    for pid in pids:
+        proc.wait_for(rf"\[{pid}\] \[INFO\] Shutdown complete")
+    deadline = time.monotonic() + DEADLINE
+    while pids and time.monotonic() < deadline:
+        for pid in list(pids):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                pids.discard(pid)
+        time.sleep(0.01)  # a bounded poll: an orphan's exit has no event to wait on here
+    assert not pids
+
+
 def test_sighup_reloads_without_failed_requests(workers: tuple[Proc, int]) -> None:
     proc, port = workers
     before = _worker_pids(proc)
