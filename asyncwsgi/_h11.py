@@ -17,7 +17,14 @@ The private paths:
 - ``Response(_parsed=True)``: skip h11's second validation of response headers the worker
   already validated with stricter rules;
 - ``Headers._full_items``: the ``(raw name, lower-case name, value)`` triples, read as a list
-  (the public iteration goes through ``Sequence.__getitem__`` per field).
+  (the public iteration goes through ``Sequence.__getitem__`` per field);
+- ``Connection._reader``, the body reader of the request h11 is receiving: its count of body
+  bytes still due (``ContentLengthReader._remaining``) or of the current chunk's payload
+  (``ChunkedReader._bytes_in_chunk``, then ``_bytes_to_discard`` for the CRLF after it). While
+  h11's buffer is empty and a count is known, payload bytes bypass h11's buffer: they become our
+  own :class:`~asyncwsgi.events.Data` without a copy, and h11 is told only their number
+  (:func:`take_piece`). Without this, every body byte is copied into h11's
+  buffer and out again.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 import h11
 
@@ -41,6 +48,10 @@ __all__ = [
     "new_response",
     "header_pairs",
     "to_request",
+    "PASS_BODY",
+    "take_piece",
+    "framing_around",
+    "hand_over",
     "asks_keep_alive",
     "PEER_STATES",
 ]
@@ -101,6 +112,123 @@ def header_pairs(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, by
     if FULL_ITEMS:
         return [(name, value) for _, name, value in headers._full_items]  # type: ignore[attr-defined]
     return list(headers)
+
+
+def _body_readers() -> tuple[type, type] | None:
+    """h11's Content-Length and chunked body reader classes, when they keep their counts where
+    :func:`take_piece` expects them and h11 honours a change of them (tried
+    here on two requests); else None, and body bytes go through h11's buffer."""
+    if not PEEK_BUFFER:
+        return None
+    try:
+        conn = h11.Connection(h11.SERVER)
+        conn.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab")
+        for _ in range(2):
+            conn.next_event()  # Request, Data(b"ab")
+        length: Any = conn._reader
+        if length._remaining != 3:
+            return None
+        length._remaining = 0  # as if b"cde" had come
+        if type(conn.next_event()) is not h11.EndOfMessage:
+            return None
+        conn = h11.Connection(h11.SERVER)
+        conn.receive_data(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab"
+        )
+        for _ in range(2):
+            conn.next_event()
+        chunked: Any = conn._reader
+        if chunked._bytes_in_chunk != 3 or chunked._bytes_to_discard or chunked._reading_trailer:
+            return None
+        chunked._bytes_in_chunk, chunked._bytes_to_discard = 0, b"\r\n"  # as if b"cde" had come
+        conn.receive_data(b"\r\n0\r\n\r\n")
+        if type(conn.next_event()) is not h11.EndOfMessage:
+            return None
+    except (AttributeError, TypeError, h11.ProtocolError):
+        return None
+    return type(length), type(chunked)
+
+
+_READERS: Final = _body_readers()
+_LENGTH_READER: Final[Any] = _READERS[0] if _READERS else None
+_CHUNKED_READER: Final[Any] = _READERS[1] if _READERS else None
+
+#: Whether request body payload may bypass h11's receive buffer (:func:`take_piece`).
+PASS_BODY: Final = _READERS is not None
+
+
+def take_piece(
+    conn: h11.Connection, data: bytes, start: int, head_due: bool
+) -> tuple[int, bool, bool]:
+    """Split off the next piece of ``data[start:]``, up to the returned end: body payload that
+    bypasses h11 (then h11 has been told its size, as if it had parsed it), or bytes h11 must be
+    fed. Returns ``(end, payload, chunk_end)``; ``chunk_end``: the payload ends a chunk, whose
+    CRLF is due next (RFC 9112 section 7.1).
+
+    Payload may bypass h11 while its buffer is empty and the count is known: the rest of the
+    Content-Length, or of the current chunk once its size line has been parsed (never without
+    :data:`PASS_BODY`, nor while the client waits for ``100 Continue``: h11 stops waiting on its
+    own ``Data`` event). h11 is fed up to where such payload may start next: the end of a
+    request head (``head_due``: none parsed yet in this cycle), or the CRLF after a chunk's data
+    and the next chunk-size line; else the rest. That end is a guess that parses nothing: h11
+    and the strictness checks still see every byte of framing and decide what it means, and a
+    wrong guess costs a copy, never a different result.
+    """
+    size = len(data)
+    state = conn.their_state
+    if state is h11.IDLE and head_due:
+        end = data.find(b"\r\n\r\n", start)
+        return (end + 4 if end >= 0 else size), False, False
+    if not PASS_BODY or state is not h11.SEND_BODY or conn.client_is_waiting_for_100_continue:
+        return size, False, False
+    reader: Any = conn._reader
+    kind = type(reader)
+    if conn._receive_buffer._data:
+        pass  # h11 has yet to parse some framing
+    elif kind is _LENGTH_READER and reader._remaining:
+        end = min(size, start + reader._remaining)
+        reader._remaining -= end - start
+        return end, True, False
+    elif (
+        kind is _CHUNKED_READER
+        and reader._bytes_in_chunk
+        and not reader._bytes_to_discard
+        and not reader._reading_trailer
+    ):
+        end = min(size, start + reader._bytes_in_chunk)
+        reader._bytes_in_chunk -= end - start
+        if reader._bytes_in_chunk:
+            return end, True, False
+        reader._bytes_to_discard = b"\r\n"
+        return end, True, True
+    if kind is _CHUNKED_READER and not reader._reading_trailer:
+        end = data.find(b"\n", start + len(reader._bytes_to_discard))
+        return (end + 1 if end >= 0 else size), False, False
+    return size, False, False
+
+
+def framing_around(conn: h11.Connection, count: int) -> list[object]:
+    """The framing h11 writes around ``count`` body bytes sent by other means (``sendfile(2)``),
+    through its public passthrough hook; empty for Content-Length framing."""
+
+    class _Placeholder:
+        def __len__(self) -> int:
+            return count
+
+    pieces = conn.send_with_data_passthrough(h11.Data(data=_Placeholder()))  # type: ignore[arg-type]
+    assert pieces is not None
+    return [piece for piece in pieces if not isinstance(piece, _Placeholder)]
+
+
+def hand_over(old: h11.Connection, new: h11.Connection, data: bytes | bytearray) -> h11.Connection:
+    """Give ``new`` the bytes ``data`` in place of those ``old`` holds unparsed, and the EOF
+    ``old`` received, if any; return ``new``. Public API only."""
+    closed = old.trailing_data[1]
+    if data:
+        new.receive_data(bytes(data))
+    if closed:
+        new.receive_data(b"")
+    return new
 
 
 # -- translations between h11 and asyncwsgi.events (public API only) -----------------------------

@@ -408,9 +408,17 @@ class RequestBody:
         chunks = self._chunks
         offset = self._offset
         first = chunks[0]
-        if not offset and len(first) == size and type(first) is bytes:
-            chunks.popleft()
-            data = first
+        end = offset + size
+        if end <= len(first):  # the first chunk has it all: one copy at most, no join
+            if type(first) is bytes:
+                data = first[offset:end]  # the chunk itself when it is the whole of it
+            else:
+                data = bytes(memoryview(first)[offset:end])
+            if end == len(first):
+                chunks.popleft()
+                offset = 0
+            else:
+                offset = end
         else:
             pieces: list[bytes | bytearray | memoryview] = []
             need = size

@@ -23,7 +23,9 @@ refused; HTTP/1.0 keep-alive, which h11 lacks (``Connection: keep-alive`` on a r
 length, the next request given to a new h11 connection); gunicorn's request limits (414, 431,
 413) as plain values, 0 meaning none; ``Date`` and ``Server``; the body of HEAD, 204 and 304
 responses dropped (h11 frames them as ``Content-Length: 0``); a body cut at its declared
-``Content-Length`` (the excess counted, not sent).
+``Content-Length`` (the excess counted, not sent). Request body payload bypasses h11's buffer
+where the framing allows it (:func:`asyncwsgi._h11.take_piece`): a read's bytes object becomes
+the :class:`~asyncwsgi.events.Data` event itself, not a copy.
 """
 
 from __future__ import annotations
@@ -144,8 +146,27 @@ class ServerConnection:
             raise self._rejected
         if self._conn is _RELEASED:
             self._conn = self._new_h11()
+        if _h11.PASS_BODY and data and not (self._awaiting_head and data.endswith(b"\r\n\r\n")):
+            return self._receive_passing_body(data)  # not for heads alone (GET): no gain there
         self._conn.receive_data(data)
         return self.next_events()
+
+    def _receive_passing_body(self, data: bytes) -> list[Event]:
+        """:meth:`receive_data` with body payload past h11's buffer (:func:`_h11.take_piece`):
+        h11 and the checks get every other byte, in pieces, and the events are the same."""
+        events: list[Event] = []
+        start, size = 0, len(data)
+        while start < size and (not events or events[-1] is not PAUSED):
+            end, payload, chunk_end = _h11.take_piece(self._conn, data, start, self._awaiting_head)
+            if payload:  # data itself when it is all payload: no copy
+                events.append(self._body_data(data[start:end], chunk_end))
+            else:
+                self._conn.receive_data(data[start:end])
+            start = end
+            events += self.next_events()
+        if start < size:
+            self._conn.receive_data(data[start:])  # after PAUSED: parsed in the next cycle
+        return events
 
     def _new_h11(self) -> h11.Connection:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.head)
@@ -205,7 +226,7 @@ class ServerConnection:
             elif self._chunk_line_due:
                 self._check_chunk_line()
             elif self._trailers_due:
-                self._check_trailer_section(0)
+                self._trailers_due = not strict.check_trailers_at(self._unparsed(), 0, self._limits)
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
@@ -216,14 +237,7 @@ class ServerConnection:
                 events.append(PAUSED)
                 return events
             if type(event) is h11.Data:
-                if self._max_body:
-                    self._request_body_bytes += len(event.data)
-                    if self._request_body_bytes > self._max_body:
-                        raise RequestRejected(413, "request body too large")
-                if self._framing == strict.CHUNKED and event.chunk_end:
-                    self._chunk_line_due = True
-                    self._footer_left = 2
-                events.append(Data(event.data))  # h11 hands over a new bytearray: no copy
+                events.append(self._body_data(event.data, event.chunk_end))
             elif type(event) is h11.Request:
                 self._on_request(event)
                 events.append(to_request(event))
@@ -248,6 +262,18 @@ class ServerConnection:
             elif type(event) is h11.ConnectionClosed:
                 events.append(CONNECTION_CLOSED)
                 return events
+
+    def _body_data(self, data: bytes | bytearray, chunk_end: bool) -> Data:
+        """Body payload counted against ``--limit-request-body``; ``chunk_end``: CRLF due next."""
+        if self._max_body:
+            self._request_body_bytes += len(data)
+            if self._request_body_bytes > self._max_body:
+                self._rejected = RequestRejected(413, "request body too large")
+                raise self._rejected
+        if chunk_end:
+            self._chunk_line_due = True
+            self._footer_left = 2
+        return Data(data)
 
     def _unparsed(self) -> bytes | bytearray:
         """The bytes h11 holds and has not parsed yet (no copy where h11 allows it)."""
@@ -291,19 +317,10 @@ class ServerConnection:
         return True
 
     def _replace_unparsed(self, data: bytes | bytearray) -> None:
-        """Give a new h11 connection ``data`` instead of the bytes the current one holds.
-
-        Only between requests (h11 ``IDLE`` on both sides, or an HTTP/1.0 keep-alive cycle
-        complete on both), where a new h11 connection is equivalent to the current one; uses
-        h11's public API only.
-        """
-        conn = self._conn
-        closed = conn.trailing_data[1]
-        conn = self._conn = self._new_h11()
-        if data:
-            conn.receive_data(bytes(data))
-        if closed:
-            conn.receive_data(b"")
+        """Give a new h11 connection ``data`` instead of the bytes the current one holds: only
+        between requests (h11 ``IDLE`` on both sides, or an HTTP/1.0 keep-alive cycle complete
+        on both), where a new h11 connection is equivalent to the current one."""
+        self._conn = _h11.hand_over(self._conn, self._new_h11(), data)
 
     def _check_chunk_line(self) -> None:
         """Check the next chunk-size line h11 holds before h11 parses it."""
@@ -327,21 +344,7 @@ class ServerConnection:
         if rewritten is not None and not _h11.rewrite_unparsed(self._conn, footer, end, rewritten):
             return
         if last:
-            self._trailers_due = True
-            self._check_trailer_section(end + 2)
-
-    def _check_trailer_section(self, start: int) -> None:
-        """Check the trailer section h11 holds, from ``start``, before h11 parses it."""
-        buffered = self._unparsed()
-        if buffered[start : start + 2] == b"\r\n":
-            self._trailers_due = False  # no trailer fields
-            return
-        end = buffered.find(b"\r\n\r\n", start)
-        if end < 0:
-            strict.check_partial_trailers(buffered, start)
-            return
-        strict.check_trailer_section(buffered[start : end + 2], self._limits)
-        self._trailers_due = False
+            self._trailers_due = not strict.check_trailers_at(buffered, end + 2, self._limits)
 
     def _on_request(self, request: h11.Request) -> None:
         strict.check_request(request)
@@ -484,18 +487,11 @@ class ServerConnection:
         Only valid when the response declared a Content-Length of at least ``count``; returns the
         pieces to write around the file bytes (empty for Content-Length framing).
         """
-
-        class _Placeholder:
-            def __len__(self) -> int:
-                return count
-
         assert self._bytes_left is not None
         assert count <= self._bytes_left
         self._bytes_left -= count
         self._body_bytes += count
-        pieces = self._conn.send_with_data_passthrough(h11.Data(data=_Placeholder()))  # type: ignore[arg-type]
-        assert pieces is not None
-        return [piece for piece in pieces if not isinstance(piece, _Placeholder)]
+        return _h11.framing_around(self._conn, count)
 
     def send_end(self) -> bytes | None:
         """Return the bytes that end the response body, or None when the body fell short.

@@ -56,6 +56,7 @@ __all__ = [
     "RequestLimits",
     "check_partial_head",
     "check_partial_trailers",
+    "check_trailers_at",
     "check_head",
     "check_request",
     "check_chunk_line",
@@ -483,6 +484,24 @@ def check_trailer_section(section: bytes | bytearray, limits: RequestLimits) -> 
             raise RequestRejected(431, "trailer field too large")
         if line[:1] == b" " or line[:1] == b"\t":
             raise RequestRejected(400, "obsolete line folding in trailer section")
+
+
+def check_trailers_at(buffered: bytes | bytearray, start: int, limits: RequestLimits) -> bool:
+    """Check the trailer section from ``start`` in ``buffered``, complete or not.
+
+    Returns whether it is complete (then checked whole), empty (no fields) included.
+
+    Raises:
+        RequestRejected: as :func:`check_partial_trailers` and :func:`check_trailer_section`.
+    """
+    if buffered[start : start + 2] == b"\r\n":
+        return True  # no trailer fields
+    end = buffered.find(b"\r\n\r\n", start)
+    if end < 0:
+        check_partial_trailers(buffered, start)
+        return False
+    check_trailer_section(buffered[start : end + 2], limits)
+    return True
 
 
 def check_trailers(headers: Iterable[tuple[bytes, bytes]]) -> None:

@@ -7,12 +7,16 @@ connection returns, so every framing decision is checked by an independent HTTP/
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import h11
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from asyncwsgi import _h11
 from asyncwsgi.config import Config
 from asyncwsgi.errors import RequestRejected
 from asyncwsgi.events import ConnectionClosed, Data, EndOfMessage, Request
@@ -790,3 +794,188 @@ def test_error_response_during_shutdown_has_one_connection_close() -> None:
         b"Date",
         b"Server",
     ]
+
+
+# -- body payload past h11's buffer (asyncwsgi._h11.take_piece) ------------------------------
+
+NEXT_REQUEST = b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def chunked_upload(chunks: Sequence[bytes], trailer: bytes = b"") -> bytes:
+    """A chunked POST with one chunk per item (sizes in upper-case hex, one with an extension)."""
+    head = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    framed = [
+        b"%X%s\r\n%s\r\n" % (len(c), b";n=1" if i == 1 else b"", c) for i, c in enumerate(chunks)
+    ]
+    return head + b"".join(framed) + b"0\r\n" + trailer + b"\r\n"
+
+
+def length_upload(body: bytes, length: int | None = None) -> bytes:
+    """A POST with a Content-Length of ``length`` (by default, that of ``body``)."""
+    if length is None:
+        length = len(body)
+    return b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % length + body
+
+
+def summary(events: Iterable[Any]) -> list[Any]:
+    """Events as comparable values, adjacent Data merged (how the payload is cut may differ)."""
+    out: list[Any] = []
+    for event in events:
+        if type(event) is Data:
+            if out and type(out[-1]) is bytearray:
+                out[-1] += event.data
+            else:
+                out.append(bytearray(event.data))
+        elif type(event) is Request:
+            out.append((event.method, event.target, tuple(event.headers)))
+        elif type(event) is EndOfMessage:
+            out.append(("end", tuple(event.headers)))
+        else:
+            out.append(event)
+    return out
+
+
+def feed_pieces(pieces: Sequence[bytes], passing: bool, **options: Any) -> list[Any]:
+    """Feed ``pieces`` one call each, answer, and start the next cycle: the summary of each
+    call's events (``passing`` False: with every body byte through h11's buffer), then, when
+    the data came with ``passing``, whether a Data event carried bytes that bypassed h11."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not passing:
+            patch.setattr(_h11, "PASS_BODY", False)
+        conn = server(**options)
+        calls: list[Any] = []
+        bypassed = False
+        for piece in pieces:
+            try:
+                events = conn.receive_data(piece)
+            except RequestRejected as exc:
+                calls.append(("rejected", exc.status))
+                return calls
+            bypassed = bypassed or any(type(e) is Data and type(e.data) is bytes for e in events)
+            calls.append(summary(events))
+        if conn.request_complete:
+            respond(conn, b"ok")
+            calls.append(summary(next_cycle(conn)))
+        return [*calls, bypassed and passing]
+
+
+def split(data: bytes, cuts: Iterable[int]) -> list[bytes]:
+    points = [0, *sorted(set(cuts)), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
+
+
+def test_body_detection_follows_public_only_mode() -> None:
+    # The installed h11 (pinned below 0.17) keeps its counts where _h11 expects them.
+    assert _h11.PASS_BODY is not _h11.PUBLIC_ONLY
+
+
+def test_body_detection_needs_h11s_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_h11, "PEEK_BUFFER", False)
+    assert _h11._body_readers() is None
+
+
+def test_content_length_body_is_the_bytes_received_not_a_copy() -> None:
+    conn = server()
+    assert [type(e) for e in conn.receive_data(length_upload(b"", 90000))] == [Request]
+    payload = b"x" * 65536  # bytes as the event loop delivers them
+    first = conn.receive_data(payload[:40000])
+    (event,) = first
+    assert type(event) is Data
+    if _h11.PASS_BODY:
+        assert type(event.data) is bytes
+    rest = payload[40000:] + b"y" * (90000 - 65536)
+    events = conn.receive_data(rest)
+    if _h11.PASS_BODY:
+        assert events[0].data is rest  # the very object: no copy at all
+    assert [type(e) for e in events] == [Data, EndOfMessage]
+    assert body_of(first + events) == payload + b"y" * (90000 - 65536)
+
+
+def test_chunk_payload_is_the_bytes_received_not_a_copy() -> None:
+    conn = server()
+    events = conn.receive_data(chunked_upload([])[:-5] + b"10000\r\n")
+    assert [type(e) for e in events] == [Request]
+    payload = b"z" * 0x10000
+    (event,) = conn.receive_data(payload)
+    if _h11.PASS_BODY:
+        assert event.data is payload
+    events = conn.receive_data(b"\r\n0\r\n\r\n")
+    assert [type(e) for e in events] == [EndOfMessage]
+    assert bytes(event.data) == payload
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_body_bytes_never_include_a_pipelined_request(chunked: bool) -> None:
+    body = b"0123456789" * 30
+    upload = chunked_upload([body[:100], body[100:]]) if chunked else length_upload(body)
+    head_end = upload.index(b"\r\n\r\n") + 4
+    conn = server()
+    events = conn.receive_data(upload[:head_end])
+    events += conn.receive_data(upload[head_end:] + NEXT_REQUEST)  # one read: body, then more
+    assert [type(e) for e in events if type(e) is not Data] == [Request, EndOfMessage, type(PAUSED)]
+    assert body_of(events) == body
+    respond(conn, b"ok")
+    after = next_cycle(conn)
+    assert first_request(after).target == b"/next"
+    assert [type(e) for e in after] == [Request, EndOfMessage]
+
+
+#: Uploads, each followed by a pipelined request, in every framing the fast path handles.
+UPLOADS = [
+    length_upload(b"hello\r\n\r\nworld"),
+    chunked_upload([b"ab", b"c\r\nd", b"e" * 5]),
+    chunked_upload([b"one", b"two"], trailer=b"X-Sum: 6\r\n"),
+]
+
+
+@pytest.mark.parametrize("upload", UPLOADS, ids=["content-length", "chunked", "trailers"])
+def test_body_split_at_every_pair_of_points_gives_the_same_events(upload: bytes) -> None:
+    data = upload + NEXT_REQUEST
+    bypassed = False
+    for first in range(len(data)):
+        for second in range(first, len(data)):
+            pieces = split(data, (first, second))
+            reference = feed_pieces(pieces, passing=False)
+            passing = feed_pieces(pieces, passing=True)
+            assert passing[:-1] == reference[:-1], pieces
+            bypassed = bypassed or passing[-1]
+    assert bypassed is _h11.PASS_BODY  # the fast path ran (where h11 allows it)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.binary(max_size=400),
+    chunked=st.booleans(),
+    data=st.data(),
+)
+def test_any_body_split_anywhere_gives_exactly_its_bytes(
+    body: bytes, chunked: bool, data: st.DataObject
+) -> None:
+    if chunked:
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=6)))
+        upload = chunked_upload([c for c in split(body, cuts)])
+    else:
+        upload = length_upload(body)
+    stream = upload + NEXT_REQUEST
+    pieces = split(stream, data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    passing = feed_pieces(pieces, passing=True)
+    assert passing[:-1] == feed_pieces(pieces, passing=False)[:-1]
+    flat = [item for call in passing[:-1] for item in call]
+    received = b"".join(bytes(item) for item in flat if type(item) is bytearray)
+    assert received == body
+    assert [item[1] for item in flat if type(item) is tuple and item[0] != "end"] == [
+        b"/up",
+        b"/next",
+    ]
+
+
+def test_body_limit_applies_to_chunk_payload_that_bypasses_h11() -> None:
+    # (A Content-Length over the limit is refused with the head, before any payload.)
+    conn = server(limit_request_body=100)
+    conn.receive_data(chunked_upload([])[:-5] + b"C8\r\n")  # a chunk of 200 bytes
+    assert body_of(conn.receive_data(b"x" * 60)) == b"x" * 60  # within the limit
+    with pytest.raises(RequestRejected) as excinfo:
+        conn.receive_data(b"x" * 60)
+    assert excinfo.value.status == 413
+    with pytest.raises(RequestRejected):  # and on every later call
+        conn.receive_data(b"x")
