@@ -86,13 +86,15 @@ def make_asyncwsgi_cycle() -> Cycle:
         ImportError: asyncwsgi (or its sans-IO module) is not importable here.
     """
     http11: Any = importlib.import_module("asyncwsgi.http11")
+    state: Any = importlib.import_module("asyncwsgi.state")
     config_module: Any = importlib.import_module("asyncwsgi.config")
-    conn = http11.ServerConnection(config_module.Config(), (b"server", b"asyncwsgi"))
+    limits = state.request_limits(config_module.Config())
+    conn = http11.ServerConnection(limits, (b"server", b"asyncwsgi"))
     date_header = (b"date", b"Mon, 01 Jan 2024 00:00:00 GMT")
 
     def cycle() -> int:
         events = conn.receive_data(REQUEST)
-        if len(events) != 2 or type(events[0]) is not h11.Request:
+        if len(events) != 2 or type(events[0]).__name__ != "Request":
             raise RuntimeError(f"expected Request + EndOfMessage, got {events!r}")
         head = conn.send_response(200, b"OK", list(RESPONSE_HEADERS), date_header)
         body = conn.send_data(BODY)
