@@ -170,6 +170,16 @@ async def test_rejections_are_counted_by_reason() -> None:
     assert total(samples, "asyncwsgi_requests_total", method="GET", status="200") == 1
 
 
+class _LaterClock:
+    """``time`` as :mod:`asyncwsgi.wsgi` reads it, ``seconds`` later."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def perf_counter(self) -> float:
+        return time.perf_counter() + self.seconds
+
+
 async def test_queue_and_request_timeouts_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
     """A request past --timeout-request (504), then one that waited past --timeout-queue (503)."""
     monkeypatch.setattr(wsgi_module, "_queue_throttle", wsgi_module.LogThrottle())  # as new
@@ -202,6 +212,9 @@ async def test_queue_and_request_timeouts_are_counted(monkeypatch: pytest.Monkey
         await asyncio.to_thread(
             scrape_until, url, lambda s: total(s, "asyncwsgi_requests_in_flight") == 2
         )
+        # The second request has waited past --timeout-queue by the time the thread takes it:
+        # the pool thread's clock moves on a second, not the test's wall clock.
+        monkeypatch.setattr(wsgi_module, "time", _LaterClock(1.0))
         release.set()
         assert (await first).startswith(b"HTTP/1.1 200 ")
         assert (await second).startswith(b"HTTP/1.1 503 ")  # it waited for that thread
