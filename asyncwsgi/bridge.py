@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .filewrapper import FileWrapper
 
 __all__ = [
-    "half_high_water",
+    "split_high_water",
     "ResponseSink",
     "ResponseTarget",
     "RequestBody",
@@ -41,15 +41,20 @@ __all__ = [
 ]
 
 
-def half_high_water(high_water: int) -> int:
-    """Bytes of ``write_high_water`` for each of the two places unsent output waits.
+def split_high_water(high_water: int) -> tuple[int, int]:
+    """Split ``write_high_water`` (bytes) between the two places unsent output waits; return
+    ``(transport, sink)``.
 
     Output waits in the transport's buffer, and in the :class:`ResponseSink` between the pool
-    thread and the loop. Each gets half of the mark: the pool thread stops passing data on above
-    its half, the transport pauses the pool thread (and the next request) above its own, so a
-    connection holds at most ``write_high_water`` bytes plus the block passed on last.
+    thread and the loop. The sink gets three quarters: the blocks the app yields while the loop
+    is busy gather there and go out framed together, and the fewer times the pool thread waits
+    on it, the less a streamed response costs. The transport gets the rest. The pool thread
+    stops passing data on above the sink's share, the transport pauses the pool thread (and the
+    next request) above its own, so a connection holds at most ``write_high_water`` bytes plus
+    the block passed on last.
     """
-    return max(1, high_water // 2)
+    sink = max(1, high_water * 3 // 4)
+    return max(1, high_water - sink), sink
 
 
 class ResponseTarget(Protocol):

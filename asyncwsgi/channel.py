@@ -24,7 +24,7 @@ import typing
 from typing import Any
 
 from . import response
-from .bridge import EMPTY_BODY, RequestBody, ResponseSink, half_high_water
+from .bridge import EMPTY_BODY, RequestBody, ResponseSink, split_high_water
 from .connstate import (
     CLOSED,
     CLOSING,
@@ -209,7 +209,7 @@ class HTTPChannel(asyncio.Protocol):
             transport.get_extra_info("sslcontext") is None
             and transport.get_extra_info("socket") is not None
         )
-        transport.set_write_buffer_limits(high=half_high_water(config.write_high_water))
+        transport.set_write_buffer_limits(high=split_high_water(config.write_high_water)[0])
         self.state_since = server.clock()
         channels = server.channels
         channels.add(self)
@@ -370,7 +370,7 @@ class HTTPChannel(asyncio.Protocol):
         sink = cycle.sink = ResponseSink(
             call,
             self,
-            half_high_water(config.write_high_water),
+            split_high_water(config.write_high_water)[1],
             config.timeout_write,
             self.can_sendfile,
         )
