@@ -246,7 +246,7 @@ def check_head(head: bytes | bytearray, limits: RequestLimits) -> tuple[int | No
             ``chunked`` (section 6.1); 414 and 431 for the limits.
     """
     _check_controls(head, "request head")
-    lines: list[bytes | bytearray] = list(head.split(b"\r\n"))
+    lines: list[bytes | bytearray] = head.split(b"\r\n")  # type: ignore[assignment]
     lines.pop()  # the empty string after the final CRLF
     if len(lines[0]) > limits.request_line:
         raise RequestRejected(414, "request line too long")
@@ -260,13 +260,12 @@ def check_head(head: bytes | bytearray, limits: RequestLimits) -> tuple[int | No
     hosts = content_types = te_lines = 0
     rewrite = False
     request_line = lines[0]
-    if _MINOR_VERSION_ABOVE_1.search(request_line) is not None:
+    if request_line[-1:] not in (b"0", b"1") and _MINOR_VERSION_ABOVE_1.search(request_line):
         # RFC 9110 section 2.5: processed as the highest 1.x this server implements.
         lines[0] = request_line = request_line[:-1] + b"1"
         rewrite = True
-    for index, line in enumerate(lines):
-        if not index:
-            continue
+    for index in range(1, len(lines)):
+        line = lines[index]
         if len(line) > max_field:
             raise RequestRejected(431, "request header field too large")
         first = line[:1]
