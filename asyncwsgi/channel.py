@@ -84,6 +84,7 @@ class HTTPChannel(asyncio.Protocol):
         "remote",
         "served",
         "server",
+        "sink_high_water",
         "stall_drained",
         "stall_since",
         "stall_size",
@@ -209,7 +210,8 @@ class HTTPChannel(asyncio.Protocol):
             transport.get_extra_info("sslcontext") is None
             and transport.get_extra_info("socket") is not None
         )
-        transport.set_write_buffer_limits(high=split_high_water(config.write_high_water)[0])
+        transport_high_water, self.sink_high_water = split_high_water(config.write_high_water)
+        transport.set_write_buffer_limits(high=transport_high_water)
         self.state_since = server.clock()
         channels = server.channels
         channels.add(self)
@@ -340,7 +342,8 @@ class HTTPChannel(asyncio.Protocol):
             self._overloaded(cycle)
             return
         server.requests_active += 1
-        server.count_request()
+        if server.max_requests:
+            server.count_request()
         call = self.loop.call_soon_threadsafe
         if cycle.body_complete:
             chunks = cycle.chunks
@@ -370,7 +373,7 @@ class HTTPChannel(asyncio.Protocol):
         sink = cycle.sink = ResponseSink(
             call,
             self,
-            split_high_water(config.write_high_water)[1],
+            self.sink_high_water,
             config.timeout_write,
             self.can_sendfile,
         )
