@@ -10,6 +10,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -172,3 +173,22 @@ def decode_replies(data: bytes, method: bytes = b"GET", count: int = 64) -> list
         except h11.LocalProtocolError:
             break
     return replies
+
+
+def nginx_preamble(directory: Path, worker_connections: int) -> str:
+    """The start of an nginx configuration that runs in the foreground with every file it
+    writes in ``directory``, up to and including the ``http {`` line: a test's own ``upstream``
+    and ``server`` blocks and the closing brace follow."""
+    user = "user root;\n" if os.geteuid() == 0 else ""  # workers must reach the sockets' dirs
+    return f"""daemon off;
+{user}worker_processes 1;
+pid {directory}/nginx.pid;
+error_log stderr notice;
+events {{ worker_connections {worker_connections}; }}
+http {{
+    access_log off;
+    client_body_temp_path {directory}/client_body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;"""

@@ -35,7 +35,7 @@ import pytest
 import asyncwsgi.server
 from asyncwsgi.channel import HTTPChannel
 
-from .helpers import TIMEOUT, require_program, running
+from .helpers import TIMEOUT, nginx_preamble, require_program, running
 
 MiB = 1024 * 1024
 UPLOAD_SIZE = 20 * MiB + 4321
@@ -48,19 +48,7 @@ FORGED = "203.0.113.9"
 
 def nginx_config(directory: Path, port: int, upstream_socket: str) -> str:
     """The configuration of the README's nginx section, with every path in ``directory``."""
-    user = "user root;\n" if os.geteuid() == 0 else ""  # workers must reach the socket's dir
-    return f"""daemon off;
-{user}worker_processes 1;
-pid {directory}/nginx.pid;
-error_log stderr notice;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {directory}/client_body;
-    proxy_temp_path {directory}/proxy;
-    fastcgi_temp_path {directory}/fastcgi;
-    uwsgi_temp_path {directory}/uwsgi;
-    scgi_temp_path {directory}/scgi;
+    return f"""{nginx_preamble(directory, 64)}
 
     upstream app {{
         server unix:{upstream_socket};

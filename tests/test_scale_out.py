@@ -36,7 +36,7 @@ from pathlib import Path
 
 import httpx
 
-from .helpers import TIMEOUT, ProcessOutput, require_program
+from .helpers import TIMEOUT, ProcessOutput, nginx_preamble, require_program
 from .test_cli import CLIServer, port_of
 
 #: Answers ``str(os.getpid())``: which instance served a request.
@@ -287,22 +287,10 @@ def test_rolling_restart_behind_haproxy_fails_no_request(tmp_path: Path) -> None
 
 def nginx_config(directory: Path, port: int, upstream_ports: Sequence[int]) -> str:
     """The README's nginx configuration for several instances, every path in ``directory``."""
-    user = "user root;\n" if os.geteuid() == 0 else ""
     servers = "\n".join(
         f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=1s;" for p in upstream_ports
     )
-    return f"""daemon off;
-{user}worker_processes 1;
-pid {directory}/nginx.pid;
-error_log stderr notice;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {directory}/client_body;
-    proxy_temp_path {directory}/proxy;
-    fastcgi_temp_path {directory}/fastcgi;
-    uwsgi_temp_path {directory}/uwsgi;
-    scgi_temp_path {directory}/scgi;
+    return f"""{nginx_preamble(directory, 256)}
 
     upstream app {{
 {servers}
