@@ -20,6 +20,7 @@ from wsgiref.validate import validator
 import h11
 import pytest
 
+from asyncwsgi import wsgi
 from asyncwsgi.bridge import EMPTY_BODY
 from asyncwsgi.config import Config
 from asyncwsgi.environ import build_environ, connection_environ
@@ -27,6 +28,7 @@ from asyncwsgi.errors import ClientDisconnected
 from asyncwsgi.events import ResponseHead as Head
 from asyncwsgi.filewrapper import FileWrapper
 from asyncwsgi.http11 import ServerConnection, to_request
+from asyncwsgi.logs import LogThrottle
 from asyncwsgi.state import request_limits
 from asyncwsgi.wsgi import run_wsgi
 
@@ -922,8 +924,10 @@ def test_client_disconnected_on_a_gone_client_sends_nothing(
 
 
 def test_request_that_waited_too_long_for_a_thread_gets_503_without_calling_the_app(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The warning is rate-limited process-wide: an earlier test's 503 must not swallow this one.
+    monkeypatch.setattr(wsgi, "_queue_throttle", LogThrottle())
     called: list[bool] = []
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
