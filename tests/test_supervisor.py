@@ -630,7 +630,9 @@ def test_a_changed_file_loses_its_cached_bytecode(tmp_path: Path) -> None:
 
     source = tmp_path / "mod.py"
     source.write_text('VERSION = "v1"\n')
-    cached = Path(py_compile.compile(str(source)))
+    compiled = py_compile.compile(str(source))
+    assert compiled is not None
+    cached = Path(compiled)
     assert cached == Path(importlib.util.cache_from_source(str(source)))
     forget_bytecode(str(source))
     assert not cached.exists()

@@ -16,13 +16,14 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.test_supervisor import Proc
 
 from . import invariants as inv
 
@@ -88,58 +89,19 @@ EXTRA_CELLS = [("reload_last", "SIGKILL-worker"), ("booting", "SIGUSR1-one")]
 ACCESS_LOG = "access.log"
 
 
-class Supervisor:
+class Supervisor(Proc):
     """``asyncwsgi serve`` in a new session; its stderr lines are collected as they arrive."""
 
     def __init__(self, cwd: Path, port: int, *extra: str) -> None:
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str] = queue.Queue()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "asyncwsgi",
-                "serve",
-                "faultapp:app",
-                "--port",
-                str(port),
-                "-w",
-                str(WORKERS),
-                "--timeout-graceful-shutdown",
-                str(GRACEFUL),
-                *extra,
-            ],
-            cwd=cwd,
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
-        )
+        args = ["faultapp:app", "--port", str(port), "-w", str(WORKERS)]
+        args += ["--timeout-graceful-shutdown", str(GRACEFUL), *extra]
+        super().__init__(args, cwd, new_session=True)
         self.pid = self.proc.pid
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
 
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._queue.put(line)
-
-    def wait_for(self, pattern: str, count: int = 1) -> list[re.Match[str]]:
+    def wait_for_match(self, pattern: str, count: int = 1) -> list[re.Match[str]]:
         """Wait until ``count`` stderr lines match ``pattern``; return their matches."""
         regex = re.compile(pattern)
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            found = [m for m in map(regex.search, self.lines) if m]
-            if len(found) >= count:
-                return found
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no {count}x {pattern!r} in:\n{''.join(self.lines)}")
-            try:
-                self.lines.append(self._queue.get(timeout=remaining))
-            except queue.Empty:
-                continue
+        return [m for m in map(regex.search, self.wait_for(pattern, count)) if m]
 
     def booted(self) -> set[int]:
         """Every worker pid the supervisor reported booting."""
@@ -238,7 +200,7 @@ def _run(name: str, phase: str, event: str, tmp: Path, port: int, sup: Superviso
     fds = len(inv.open_fds(sup.pid))
     held = HeldRequest(name, port)
     held.start()
-    holder = int(sup.wait_for(r"holding (\d+)")[0][1])
+    holder = int(sup.wait_for_match(r"holding (\d+)")[0][1])
     first = inv.check_worker_count(name, sup.pid, WORKERS)
     other = next(pid for pid in first if pid != holder)
     booting = 0
@@ -246,20 +208,20 @@ def _run(name: str, phase: str, event: str, tmp: Path, port: int, sup: Superviso
     if phase == "booting":
         (tmp / "boot.hold").touch()
         os.kill(other, signal.SIGKILL)
-        booting = int(sup.wait_for(r"booting (\d+) held")[0][1])
+        booting = int(sup.wait_for_match(r"booting (\d+) held")[0][1])
     elif phase == "reload":
         (tmp / "boot.hold").touch()
         os.kill(sup.pid, signal.SIGHUP)
-        booting = int(sup.wait_for(r"booting (\d+) held")[0][1])
+        booting = int(sup.wait_for_match(r"booting (\d+) held")[0][1])
     elif phase == "reload_last":
         # The first replacement boots and accepts, one old worker is told to stop, and the
         # replacement of the last old worker is held while it boots.
         (tmp / "boot.hold").touch()
         os.kill(sup.pid, signal.SIGHUP)
-        released = sup.wait_for(r"booting (\d+) held")[0][1]
+        released = sup.wait_for_match(r"booting (\d+) held")[0][1]
         (tmp / f"boot.go.{released}").touch()
-        stopped = int(sup.wait_for(r"Stopping worker \(pid: (\d+)\) of generation 0")[0][1])
-        booting = int(sup.wait_for(r"booting (\d+) held", count=2)[1][1])
+        stopped = int(sup.wait_for_match(r"Stopping worker \(pid: (\d+)\) of generation 0")[0][1])
+        booting = int(sup.wait_for_match(r"booting (\d+) held", count=2)[1][1])
         last = next(pid for pid in first if pid != stopped)
     elif phase == "draining":
         os.kill(sup.pid, signal.SIGHUP)
