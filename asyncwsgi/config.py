@@ -126,7 +126,7 @@ class Config:
 
     # -- concurrency ------------------------------------------------------------------------
     threads: int = _opt(
-        32, "threads that run the application", group="Threads and timeouts", metavar="N"
+        64, "threads that run the application", group="Threads and timeouts", metavar="N"
     )
     loop: LoopName = _opt("auto", "event loop", group="Processes")
     workers: int = _opt(

@@ -27,7 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "factory": False,
     "app_dir": ".",
     "root_path": "",
-    "threads": 32,
+    "threads": 64,
     "loop": "auto",
     "workers": 1,
     "max_requests": 0,

@@ -144,7 +144,7 @@ def test_runserver_serves_views_static_files_and_forms(runserver: type[Runserver
     server = runserver(PROJECT, "127.0.0.1:0", "--noreload")
     url = server.started()
     threads = server.wait_for(LISTENING)
-    assert threads.group(1) == "32"  # threaded: asyncwsgi's pool
+    assert threads.group(1) == "64"  # threaded: asyncwsgi's pool
     with client(url) as http:
         view = http.get("/")
         assert view.status_code == 200
