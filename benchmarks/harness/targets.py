@@ -124,7 +124,7 @@ def evaluate(scenario: str, rows: list[Summary], opts: Options) -> list[Target]:
         found = python_peer_target(scenario, ours, best_peer(rows, python_only=True))
     elif scenario in ("body1m", "stream"):
         best = best_peer(rows)
-        if best is not None:
+        if best is not None and best.rps:
             ratio = ours.rps / best.rps
             goal = "at least the best peer, granian included"
             found = Target(scenario, goal, f"{ratio:.2f}x {best.server}", (Bound(ratio, 1.0),))
