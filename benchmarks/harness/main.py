@@ -76,8 +76,10 @@ def pin_self(opts: Options) -> None:
             os.sched_setaffinity(0, {int(opts.client_cpu.split(",")[0])})
 
 
-def render_again(names: str, output: str | None, charts: bool) -> int:
-    """Re-render saved results; merge several runs scenario by scenario."""
+def load_results(names: str) -> Report | None:
+    """results/NAME.json for each of the comma-separated ``names``, merged scenario by scenario
+    (each later run's scenarios replace the earlier ones'); None, logged, if one cannot be read.
+    """
     reports: list[Report] = []
     for name in names.split(","):
         path = RESULTS_DIR / f"{name.strip()}.json"
@@ -85,10 +87,18 @@ def render_again(names: str, output: str | None, charts: bool) -> int:
             reports.append(Report.load(path))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log(f"cannot load {path}: {exc}")
-            return 1
+            return None
     report = reports[0]
     for later in reports[1:]:
         report.merge(later)
+    return report
+
+
+def render_again(names: str, output: str | None, charts: bool) -> int:
+    """Re-render saved results; merge several runs scenario by scenario."""
+    report = load_results(names)
+    if report is None:
+        return 1
     if output:
         report.opts.output = output
     report.write()
@@ -98,9 +108,20 @@ def render_again(names: str, output: str | None, charts: bool) -> int:
     return 0
 
 
+def print_readme_table(names: str) -> int:
+    """Print the README's benchmark tables from saved results, writing nothing."""
+    report = load_results(names)
+    if report is None:
+        return 1
+    print(report.readme_table(), end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)
+    if opts.readme_table:
+        return print_readme_table(opts.render or "latest")
     reexec_in_venv(opts, argv)
     if opts.render:
         return render_again(opts.render, opts.render_output, charts=opts.charts)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .scenarios import QUICK_SCENARIOS, SCENARIOS
-from .servers import QUICK_SERVERS, SERVERS
+from .servers import DEFAULT_SERVERS, QUICK_SERVERS, SERVERS
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Options:
     reinstall: bool
     render: str | None = None
     render_output: str | None = None
+    readme_table: bool = False
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -79,6 +80,12 @@ def parse_args(argv: Sequence[str]) -> Options:
         help="measure nothing: render results/NAME.json again (into --output, default the first "
         "NAME); with several names, each later file's scenarios replace the earlier ones'",
     )
+    parser.add_argument(
+        "--readme-table",
+        action="store_true",
+        help="measure and write nothing: print the top-level README.md's benchmark tables "
+        "(where we stand, targets) from results/NAME.json, NAME from --render (default latest)",
+    )
     parser.add_argument("--no-install", action="store_true", help="use the venv as it is")
     parser.add_argument("--reinstall", action="store_true", help="pip install everything again")
     args = parser.parse_args(argv)
@@ -88,7 +95,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         servers = list(QUICK_SERVERS)
         rounds, duration, warmup = 1, 2, 1
     else:
-        scenarios, servers = list(SCENARIOS), list(SERVERS)
+        scenarios, servers = list(SCENARIOS), list(DEFAULT_SERVERS)
         rounds, duration, warmup = args.rounds, args.duration, args.warmup
     if args.scenarios:
         scenarios = split_names(args.scenarios, SCENARIOS, parser)
@@ -117,6 +124,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         reinstall=args.reinstall,
         render=args.render,
         render_output=args.output,
+        readme_table=args.readme_table,
     )
 
 

@@ -17,14 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import overhead
+from . import overhead, targets
 from .constants import BENCH_DIR, REPO_ROOT, RESULTS_DIR, MiB
 from .environment import installed_dists, log, nginx_binary, server_env
 from .options import Options
 from .runner import WRK_TIMEOUT, RunResult
 from .scenarios import SCENARIOS, SLEEP_APP_S
 from .servers import SERVERS
-from .summary import Summary, summarise
+from .summary import Summary, fmt_ms, fmt_num, summarise
 
 
 def read_cpu_model() -> str:
@@ -102,14 +102,6 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def fmt_num(value: float, digits: int = 0) -> str:
-    return f"{value:,.{digits}f}"
-
-
-def fmt_ms(value: float) -> str:
-    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
-
-
 class Report:
     """Collects run results and writes latest.md, latest.json and the charts."""
 
@@ -173,6 +165,9 @@ class Report:
     def markdown(self) -> str:
         o = self.opts
         mode = "each server's own defaults" if o.defaults else f"{o.threads} threads for all"
+        own = [name for name in o.scenarios if SCENARIOS[name].defaults and not o.defaults]
+        if own:
+            mode += f" ({', '.join(own)}: each server's own defaults)"
         lines = [
             "# asyncwsgi server benchmarks",
             "",
@@ -202,18 +197,6 @@ class Report:
             lines += self.markdown_scenario(scenario)
         return "\n".join(lines) + "\n"
 
-    def best_peer(self, rows: list[Summary], python_only: bool = False) -> Summary | None:
-        """The fastest WSGI peer; with ``python_only``, leave out servers with a native core."""
-        peers = [
-            s
-            for s in rows
-            if s.ok_runs
-            and s.server != "asyncwsgi"
-            and not SERVERS[s.server].reference
-            and not (python_only and (SERVERS[s.server].native or SERVERS[s.server].floor))
-        ]
-        return max(peers, key=lambda s: s.rps) if peers else None
-
     def markdown_overview(self) -> list[str]:
         lines = [
             "## Where we stand",
@@ -225,6 +208,15 @@ class Report:
             "floor-h11 and floor-uvloop (hello only, not WSGI) are what h11 and the kernel cost",
             'per request: see "The floor" under hello.',
             "",
+            *self.overview_table(),
+            "",
+        ]
+        rows = self.target_rows()
+        return [*lines, "### Targets", "", *rows, ""] if rows else lines
+
+    def overview_table(self) -> list[str]:
+        """Where we stand: per scenario, asyncwsgi's req/s against the best peers and nginx."""
+        lines = [
             "| scenario | asyncwsgi | best Python peer | asyncwsgi / it | best peer (any) "
             "| asyncwsgi / it | nginx |",
             "|---|---:|---|---:|---|---:|---:|",
@@ -236,115 +228,51 @@ class Report:
             nginx = rows.get("nginx")
             cells = [scenario, fmt_num(ours_rps) if ours_rps is not None else "failed / not run"]
             for python_only in (True, False):
-                best = self.best_peer(list(rows.values()), python_only)
+                best = targets.best_peer(list(rows.values()), python_only)
                 cells.append(f"{best.server} {fmt_num(best.rps)}" if best else "-")
                 ratio = ours_rps / best.rps if best and best.rps and ours_rps is not None else None
                 cells.append(f"{ratio:.2f}x" if ratio is not None else "-")
             cells.append(fmt_num(nginx.rps) if nginx and nginx.ok_runs else "-")
             lines.append("| " + " | ".join(cells) + " |")
-        return [*lines, "", *self.markdown_targets()]
+        return lines
 
-    def markdown_targets(self) -> list[str]:
-        """The goals of the benchmark issue, each with what this run measured against it."""
-        rows = []
-        for scenario in self.scenarios_done():
-            target = self.target(scenario, self.summaries(scenario))
-            if target is not None:
-                goal, measured, met = target
-                rows.append(f"| {scenario} | {goal} | {measured} | {'met' if met else 'missed'} |")
-            if scenario == overhead.SCENARIO and (ours := self.overhead()) is not None:
-                rows.append(overhead.target_row(ours))
-        if not rows:
-            return []
+    def targets(self) -> list[targets.Target]:
+        """The goals of the round (:mod:`harness.targets`), each against this run."""
         return [
-            "### Targets",
-            "",
-            "| scenario | target | this run | |",
-            "|---|---|---|---|",
-            *rows,
-            "",
+            target
+            for scenario in self.scenarios_done()
+            for target in targets.evaluate(scenario, self.summaries(scenario), self.opts)
         ]
 
-    def target(self, scenario: str, rows: list[Summary]) -> tuple[str, str, bool] | None:
-        """(goal, measured, met) for ``scenario``, or None where it has no goal in this mode."""
-        ok = {s.server: s for s in rows if s.ok_runs}
-        ours = ok.get("asyncwsgi")
-        if ours is None:
-            return None
-        if scenario == "sleep":
-            if self.opts.defaults:
-                best = self.best_peer(rows)
-                if best is None:
-                    return None
-                ratio = ours.rps / best.rps
-                return (
-                    "ahead of every peer, each with its own defaults",
-                    f"{ratio:.2f}x {best.server}",
-                    ratio > 1.0,
-                )
-            bound = self.opts.threads / SLEEP_APP_S
-            share = ours.rps / bound
-            return ("within 3 % of threads / 0.05 s", f"{share:.1%} of {bound:.0f}", share >= 0.97)
-        if self.opts.defaults:
-            return None
-        if scenario in ("hello", "body64k", "flask", "django"):
-            best = self.best_peer(rows, python_only=True)
-            if best is None:
-                return None
-            ratio = ours.rps / best.rps
-            return (
-                "1.5x the best Python peer, p99 no worse",
-                f"{ratio:.2f}x {best.server}; p99 {fmt_ms(ours.p99_ms)} vs "
-                f"{fmt_ms(best.p99_ms)} ms",
-                ratio >= 1.5 and ours.p99_ms <= best.p99_ms,
-            )
-        if scenario in ("body1m", "stream", "echo"):
-            best = self.best_peer(rows)
-            if best is None:
-                return None
-            ratio = ours.rps / best.rps
-            return (
-                "at least the best peer, granian included",
-                f"{ratio:.2f}x {best.server}",
-                ratio >= 1.0,
-            )
-        if scenario == "file":
-            nginx = ok.get("nginx")
-            if nginx is None or not nginx.cpu_ms_per_req or not nginx.rps:
-                return None
-            cpu = ours.cpu_ms_per_req / nginx.cpu_ms_per_req
-            speed = ours.rps / nginx.rps
-            return (
-                "CPU per response at most 1.5x nginx's, req/s at least 0.95x",
-                f"CPU {ours.cpu_ms_per_req:.2f} vs {nginx.cpu_ms_per_req:.2f} ms ({cpu:.2f}x); "
-                f"req/s {speed:.2f}x",
-                cpu <= 1.5 and speed >= 0.95,
-            )
-        if scenario in ("idle", "slowloris"):
-            with_over_without = ours.extra.get("with_over_without", 0.0)
-            if scenario == "slowloris":
-                return (
-                    "hello with 1,000 slow clients at least 0.9x of without",
-                    f"{with_over_without:.2f}",
-                    with_over_without >= 0.9,
-                )
-            kib = ours.extra.get("rss_kib_per_conn", -1.0)
-            return (
-                "at most 3 KiB per idle connection; hello with them at least 0.9x of without",
-                f"{per_conn_text(kib)} KiB; {with_over_without:.2f}",
-                0 <= kib <= 3.0 and with_over_without >= 0.9,
-            )
-        return None
+    def target_rows(self) -> list[str]:
+        """The Targets table, in scenario order (empty when no goal applies)."""
+        rows = []
+        for scenario in self.scenarios_done():
+            if scenario == overhead.SCENARIO and (ours := self.overhead()) is not None:
+                rows.append(overhead.target_row(ours))
+            found = targets.evaluate(scenario, self.summaries(scenario), self.opts)
+            rows += [target.markdown() for target in found]
+        if not rows:
+            return []
+        return ["| scenario | target | this run | |", "|---|---|---|---|", *rows]
+
+    def readme_table(self) -> str:
+        """The benchmark tables of the top-level README.md: where we stand, then the targets."""
+        lines = self.overview_table()
+        if rows := self.target_rows():
+            intro = "Against the goals of the benchmark harness (see benchmarks/README.md):"
+            lines += ["", intro, "", *rows]
+        return "\n".join(lines) + "\n"
 
     def markdown_scenario(self, scenario: str) -> list[str]:
         rows = self.summaries(scenario)
         spec = SCENARIOS[scenario]
         ours = next((s for s in rows if s.server == "asyncwsgi" and s.ok_runs), None)
-        base = ours or self.best_peer(rows)
+        base = ours or targets.best_peer(rows)
         base_name = "asyncwsgi" if ours else "best peer"
         lines = [f"## {scenario}", "", spec.description + ".", ""]
-        if scenario == "sleep":
-            lines += self.sleep_bounds()
+        if spec.app == "sleep":
+            lines += self.sleep_bounds(targets.runs_with_defaults(scenario, self.opts))
         if spec.kind != "wrk":
             return lines + self.markdown_helpers(scenario, rows, base, base_name)
         lines += [
@@ -368,15 +296,20 @@ class Report:
             lines += overhead.markdown(rows, self.overhead())
         return lines
 
-    def sleep_bounds(self) -> list[str]:
+    def sleep_bounds(self, defaults: bool) -> list[str]:
+        """The sleep app's theoretical bounds: threads / 0.05 s for each server's pool."""
         o = self.opts
-        if o.defaults:
+        if defaults:
             parts = [
                 f"{name} {threads / SLEEP_APP_S:.0f}"
                 for name in o.servers
                 if (threads := SERVERS[name].default_threads)
             ]
-            text = "Theoretical bound (default threads / 0.05 s), req/s: " + ", ".join(parts)
+            text = (
+                "Theoretical bound (default threads / 0.05 s), req/s: " + ", ".join(parts) + "; "
+                f"and for every server at most {o.connections} connections / 0.05 s = "
+                f"{o.connections / SLEEP_APP_S:,.0f} (wsgiref: a thread per connection)."
+            )
         else:
             text = (
                 f"Theoretical bound for a pool of {o.threads} threads: "
@@ -460,6 +393,10 @@ class Report:
                 for scenario in self.scenarios_done()
             },
             "overhead": dataclasses.asdict(ours) if (ours := self.overhead()) else None,
+            "targets": [
+                {**dataclasses.asdict(t), "met": t.met, "verdict": t.verdict()}
+                for t in self.targets()
+            ],
             "runs": [dataclasses.asdict(r) for r in self.results],
         }
 

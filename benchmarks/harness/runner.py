@@ -323,7 +323,8 @@ def run_case(
     port = free_port()
     with tempfile.TemporaryDirectory(prefix=f"bench-{server.name}-") as tmp:
         workdir = Path(tmp)
-        ctx = LaunchContext(scenario, port, opts.threads, opts.defaults, workdir, sys.executable)
+        defaults = opts.defaults or scenario.defaults
+        ctx = LaunchContext(scenario, port, opts.threads, defaults, workdir, sys.executable)
         running = RunningServer(server.command(ctx), workdir / "server.log", opts.server_cpu)
         try:
             wait_ready(running, port, scenario, expect)

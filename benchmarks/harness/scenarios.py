@@ -25,6 +25,8 @@ class Scenario:
     kind: ScenarioKind = "wrk"
     close: bool = False
     post_bytes: int | None = None
+    #: Every server runs with its own default settings here, as ``--defaults`` does for a run.
+    defaults: bool = False
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -43,6 +45,12 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("file", "file", "10 MiB file through wsgi.file_wrapper (sendfile if supported)"),
         Scenario("echo", "echo", "1 MiB POST body read from wsgi.input", post_bytes=MiB),
         Scenario("sleep", "sleep", "app blocks 50 ms: bounded by the thread pool"),
+        Scenario(
+            "sleep-defaults",
+            "sleep",
+            "app blocks 50 ms, every server with its own defaults (threads, backlog, keep-alive)",
+            defaults=True,
+        ),
         Scenario("flask", "flask", "a Flask view returning a small JSON"),
         Scenario("django", "django", "a minimal Django view (HttpResponse)"),
         Scenario(

@@ -4,6 +4,7 @@ scenario, tuned (``--threads``, backlog, keep-alive, connection limit) or with i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ class Server:
     #: Shown as the floor, not a target (wsgiref: HTTP/1.0, a thread per connection).
     floor: bool = False
     default_threads: int | None = None
+    #: Left out of the default server list: named with ``--servers`` only.
+    opt_in: bool = False
 
     def supports(self, scenario: str) -> bool:
         return self.scenarios is None or scenario in self.scenarios
@@ -55,14 +58,37 @@ def app_spec(ctx: LaunchContext) -> str:
     return f"apps:{ctx.scenario.app}"
 
 
-def cmd_asyncwsgi(ctx: LaunchContext) -> list[str]:
+def cmd_asyncwsgi(ctx: LaunchContext, access_log: bool = False) -> list[str]:
+    """``asyncwsgi serve``; with ``access_log``, its default access line goes to a file in the
+    run's work directory (``--access-logfile``; without it the line goes to stderr)."""
     cmd = [ctx.python, "-m", "asyncwsgi", "serve", app_spec(ctx)]
-    cmd += ["--host", "127.0.0.1", "--port", str(ctx.port), "--no-access-log"]
-    cmd += ["--app-dir", str(BENCH_DIR)]
+    cmd += ["--host", "127.0.0.1", "--port", str(ctx.port), "--app-dir", str(BENCH_DIR)]
+    if access_log:
+        cmd += ["--access-logfile", str(ctx.workdir / "access.log")]
+    else:
+        cmd.append("--no-access-log")
     if not ctx.defaults:
         cmd += ["--threads", str(ctx.threads), "--backlog", str(TUNED_BACKLOG)]
         cmd += ["--timeout-keep-alive", str(TUNED_KEEP_ALIVE_S)]
     return cmd
+
+
+def cmd_asyncwsgi_access_log(ctx: LaunchContext) -> list[str]:
+    return cmd_asyncwsgi(ctx, access_log=True)
+
+
+#: asyncwsgi's ``--threads`` default where ``asyncwsgi.config`` cannot be imported.
+ASYNCWSGI_DEFAULT_THREADS = 64
+
+
+def asyncwsgi_default_threads() -> int:
+    """``--threads``'s default, from ``asyncwsgi.config.Config`` of this tree where importable."""
+    try:
+        from asyncwsgi.config import Config
+    except ImportError:
+        return ASYNCWSGI_DEFAULT_THREADS
+    threads = next(f.default for f in dataclasses.fields(Config) if f.name == "threads")
+    return threads if isinstance(threads, int) else ASYNCWSGI_DEFAULT_THREADS
 
 
 #: ``asyncwsgi-baseline`` serves the asyncwsgi of this source tree (another checkout, such as a
@@ -179,8 +205,9 @@ http {{
     return [nginx_binary(), "-p", str(temp), "-c", str(conf_path), "-e", "stderr"]
 
 
-#: The floor rows answer hello only: they run no WSGI application (see floor.py).
-FLOOR_SCENARIOS = frozenset({"hello"})
+#: The floor rows answer hello only: they run no WSGI application (see floor.py). The access-log
+#: row runs hello only: the cost of one access line shows best where a request costs least.
+HELLO_ONLY = frozenset({"hello"})
 
 
 def cmd_floor(kind: str) -> Callable[[LaunchContext], list[str]]:
@@ -200,7 +227,16 @@ SERVERS: dict[str, Server] = {
             (),
             ("asyncwsgi",),
             cmd_asyncwsgi,
-            default_threads=32,
+            default_threads=asyncwsgi_default_threads(),
+        ),
+        Server(
+            "asyncwsgi-access-log",
+            "asyncwsgi with its default access log on, to a file (reference, not a peer)",
+            (),
+            ("asyncwsgi",),
+            cmd_asyncwsgi_access_log,
+            scenarios=HELLO_ONLY,
+            reference=True,
         ),
         Server(
             "gunicorn-gthread",
@@ -274,7 +310,9 @@ SERVERS: dict[str, Server] = {
             ("asyncwsgi",),
             cmd_asyncwsgi_baseline,
             reference=True,
+            # The default of the revisions compared against so far; for the bound shown only.
             default_threads=32,
+            opt_in=True,
         ),
         Server(
             "floor-h11",
@@ -282,7 +320,7 @@ SERVERS: dict[str, Server] = {
             ("uvloop",),
             ("uvloop", "h11"),
             cmd_floor("h11"),
-            scenarios=FLOOR_SCENARIOS,
+            scenarios=HELLO_ONLY,
             reference=True,
         ),
         Server(
@@ -291,15 +329,25 @@ SERVERS: dict[str, Server] = {
             ("uvloop",),
             ("uvloop",),
             cmd_floor("uvloop"),
-            scenarios=FLOOR_SCENARIOS,
+            scenarios=HELLO_ONLY,
             reference=True,
         ),
     )
 }
 
 
-#: The floor rows are cheap (hello only) and keep their code path exercised in CI.
-QUICK_SERVERS = ("asyncwsgi", "waitress", "gunicorn-gthread", "floor-h11", "floor-uvloop")
+#: A full run's servers: all but the opt-in ones.
+DEFAULT_SERVERS = tuple(name for name, server in SERVERS.items() if not server.opt_in)
+
+#: The hello-only rows are cheap and keep their code path exercised in CI.
+QUICK_SERVERS = (
+    "asyncwsgi",
+    "asyncwsgi-access-log",
+    "waitress",
+    "gunicorn-gthread",
+    "floor-h11",
+    "floor-uvloop",
+)
 
 BASE_REQUIREMENTS = ("h11",)
 SCENARIO_REQUIREMENTS = {"flask": ("flask",), "django": ("django",)}

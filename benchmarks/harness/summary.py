@@ -88,3 +88,13 @@ def summarise(server: str, runs: list[RunResult]) -> Summary:
         noise_pct=max(r.noise_pct for r in ok),
         extra={key: med([r.extra[key] for r in ok if key in r.extra]) for key in extra_keys},
     )
+
+
+def fmt_num(value: float, digits: int = 0) -> str:
+    """``value`` with thousands separators: ``6,043``."""
+    return f"{value:,.{digits}f}"
+
+
+def fmt_ms(value: float) -> str:
+    """A latency in ms: two decimals below 100 ms, none above."""
+    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
