@@ -32,6 +32,7 @@ from .connstate import (
     IDLE,
     IN_FLIGHT,
     LINGERING,
+    QUIESCENT,
     READING_HEAD,
     TRANSITIONS,
     WRITE_PAUSED,
@@ -140,10 +141,8 @@ class HTTPChannel(asyncio.Protocol):
             raise RuntimeError(f"connection cannot go from {self.state.name} to {state.name}")
         self.state = state
         self.state_since = since
-        if state is IDLE or state is LINGERING or state is CLOSED:
-            event = self.server.idle_changed
-            if event is not None:
-                event.set()
+        if state in QUIESCENT and self.server.idle_changed is not None:
+            self.server.idle_changed.set()
 
     @property
     def closing(self) -> bool:
@@ -334,7 +333,7 @@ class HTTPChannel(asyncio.Protocol):
         config = self.config
         server = self.server
         self.set_state(IN_FLIGHT)
-        if cycle.request.target == server.health_target:
+        if server.health_target is not None and cycle.request.target == server.health_target:
             self._answer_health(cycle)
             return
         limit = config.limit_concurrency
@@ -380,8 +379,15 @@ class HTTPChannel(asyncio.Protocol):
         if self.write_paused:
             sink.pause()
         environ["asyncwsgi.client_disconnected"] = sink.client_disconnected
-        timeouts = config.timeout_queue, config.timeout_request
-        server.pool.submit(run_wsgi, server.app, environ, sink, cycle.started, *timeouts)
+        server.pool.submit(
+            run_wsgi,
+            server.app,
+            environ,
+            sink,
+            cycle.started,
+            config.timeout_queue,
+            config.timeout_request,
+        )
 
     # -- BodyTarget: asked by the pool thread through call_soon_threadsafe ----------------------
 

@@ -45,7 +45,14 @@ if TYPE_CHECKING:
     from .http11 import ServerConnection
     from .sendfile import FileSender
 
-__all__ = ["ConnState", "TRANSITIONS", "RequestCycle", "TimeoutPolicy", "TimedConnection"]
+__all__ = [
+    "ConnState",
+    "QUIESCENT",
+    "TRANSITIONS",
+    "RequestCycle",
+    "TimeoutPolicy",
+    "TimedConnection",
+]
 
 
 class ConnState(enum.IntEnum):
@@ -99,6 +106,9 @@ TRANSITIONS: Final[dict[ConnState, frozenset[ConnState]]] = {
 
 #: States in which the connection is going away (the channel's ``closing``).
 ENDING: Final = _ENDING
+
+#: States whose entry may let a graceful shutdown end (``ServerState.idle_changed``).
+QUIESCENT: Final = frozenset({IDLE, LINGERING, CLOSED})
 
 
 class RequestCycle:

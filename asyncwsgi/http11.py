@@ -90,6 +90,7 @@ class ServerConnection:
         "_bytes_left",
         "_chunk_line_due",
         "_conn",
+        "_eof",
         "_footer_left",
         "_framing",
         "_http10_keep_alive",
@@ -116,6 +117,8 @@ class ServerConnection:
         self._footer_left = 0
         self._trailers_due = False
         self._rejected: RequestRejected | None = None
+        #: The peer's EOF was received (``receive_data(b"")``).
+        self._eof = False
         self._server_header = server_header
         self._body_allowed = True
         self._bytes_left: int | None = None
@@ -146,6 +149,8 @@ class ServerConnection:
             raise self._rejected
         if self._conn is _RELEASED:
             self._conn = self._new_h11()
+        if not data:
+            self._eof = True
         if _h11.PASS_BODY and data and not (self._awaiting_head and data.endswith(b"\r\n\r\n")):
             return self._receive_passing_body(data)  # not for heads alone (GET): no gain there
         self._conn.receive_data(data)
@@ -193,7 +198,8 @@ class ServerConnection:
     @property
     def has_unparsed_data(self) -> bool:
         """Whether bytes of a next request wait in h11's buffer (pipelining)."""
-        return self._conn is not _RELEASED and bool(self._unparsed())
+        conn = self._conn
+        return conn is not _RELEASED and bool(_h11.unparsed(conn))
 
     def next_events(self) -> list[Event]:
         """Return the events h11 can produce from data it already holds (after a new cycle).
@@ -259,6 +265,10 @@ class ServerConnection:
                     if self._http10_keep_alive and self._unparsed():
                         events.append(PAUSED)
                     return events
+                if not self._eof and not _h11.unparsed(conn):
+                    # The usual end of a request: h11 has nothing more to say until the next
+                    # byte or EOF (it would answer NEED_DATA).
+                    return events
             elif type(event) is h11.ConnectionClosed:
                 events.append(CONNECTION_CLOSED)
                 return events
@@ -284,7 +294,7 @@ class ServerConnection:
 
         Returns False when h11 must not look at the bytes yet (a CR whose LF has not come).
         """
-        buffered = self._unparsed()
+        buffered = _h11.unparsed(self._conn)
         if not buffered:
             return True
         if buffered[0] == 0x0D:

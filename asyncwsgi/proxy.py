@@ -143,6 +143,7 @@ FORWARDING_HEADERS: Final = {
     "x-forwarded-prefix": "HTTP_X_FORWARDED_PREFIX",
     "forwarded": "HTTP_FORWARDED",
 }
+_FORWARDING_KEYS: Final = frozenset(FORWARDING_HEADERS.values())
 
 
 def parse_trust_headers(spec: str) -> frozenset[str]:
@@ -319,6 +320,8 @@ class ProxyHeaders:
     def apply(self, environ: dict[str, Any]) -> None:
         """Remove the untrusted forwarding headers of ``environ``, then rewrite it in place from
         the trusted ones. Loop thread or pool thread."""
+        if _FORWARDING_KEYS.isdisjoint(environ):
+            return  # the usual request: no forwarding header at all (one pass in C)
         for key in self.removed:
             environ.pop(key, None)
         forwarded = environ.get("HTTP_FORWARDED")

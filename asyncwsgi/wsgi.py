@@ -54,8 +54,12 @@ _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _VALUE_RE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*\Z")
 _NAME_CACHE: dict[str, bytes] = {}
 # Validated, encoded (name, value) pairs an app sends again and again (Content-Type, Vary,
-# X-Frame-Options...), by the str pair; Content-Length is never kept. Bounded; any thread.
+# X-Frame-Options...), by the str pair. Bounded; any thread.
 _PAIR_CACHE: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+# The same for Content-Length pairs, kept apart: a response may carry only one.
+_LENGTH_CACHE: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+# Validated status lines: (status code, reason phrase as latin-1 bytes). Bounded; any thread.
+_STATUS_CACHE: dict[str, tuple[int, bytes]] = {}
 _SERVER_ERROR_BODY = b"Internal Server Error\n"
 _REQUEST_TIMEOUT_BODY = b"Request Timeout\n"
 _UNAVAILABLE_BODY = b"Service Unavailable\n"
@@ -96,8 +100,13 @@ def _encode_head(status: object, headers: object) -> ResponseHead:
         ResponseError: status or headers are not native strings of the right form, contain
             CR, LF or NUL (response splitting), or name a hop-by-hop field.
     """
-    if type(status) is not str or not _STATUS_RE.match(status):
-        raise ResponseError(f"invalid status line {status!r}")
+    status_line = _STATUS_CACHE.get(status) if type(status) is str else None
+    if status_line is None:
+        if type(status) is not str or not _STATUS_RE.match(status):
+            raise ResponseError(f"invalid status line {status!r}")
+        status_line = (int(status[:3]), status[4:].encode("latin-1", "replace"))
+        if len(_STATUS_CACHE) < 256:
+            _STATUS_CACHE[status] = status_line
     if type(headers) is not list:
         raise ResponseError(f"headers must be a list, got {type(headers).__name__}")
     encoded: list[tuple[bytes, bytes]] = []
@@ -111,6 +120,13 @@ def _encode_head(status: object, headers: object) -> ResponseHead:
         except TypeError:  # unhashable: not two strings, refused below
             pair = None
         if pair is not None:
+            append(pair)
+            continue
+        pair = _LENGTH_CACHE.get(item)
+        if pair is not None:
+            if length_seen:
+                raise ResponseError(f"invalid or repeated Content-Length {item[1]!r}")
+            length_seen = True
             append(pair)
             continue
         name, value = item
@@ -134,14 +150,16 @@ def _encode_head(status: object, headers: object) -> ResponseHead:
             if not raw_value.isdigit() or length_seen:
                 raise ResponseError(f"invalid or repeated Content-Length {value!r}")
             length_seen = True
-            append((raw_name, raw_value))
+            pair = (raw_name, raw_value)
+            if len(_LENGTH_CACHE) < 1024:
+                _LENGTH_CACHE[item] = pair
+            append(pair)
             continue
         pair = (raw_name, raw_value)
         if len(_PAIR_CACHE) < 1024:
             _PAIR_CACHE[item] = pair
         append(pair)
-    reason = status[4:].encode("latin-1", "replace")
-    return ResponseHead(int(status[:3]), reason, encoded)
+    return ResponseHead(status_line[0], status_line[1], encoded)
 
 
 class _Response:

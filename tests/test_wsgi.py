@@ -480,8 +480,9 @@ def test_headers_are_checked_the_same_every_time_a_pair_repeats(
     errors: Callable[[], list[logging.LogRecord]],
 ) -> None:
     """Encoded pairs are remembered, so a repeated header skips its checks: a refused one is
-    never remembered, a Content-Length never is either (each response is checked again), and
-    a remembered pair encodes as it did the first time."""
+    never remembered, a remembered Content-Length still counts (a second one in the same
+    response is refused, however often it was seen before), and a remembered pair encodes as it
+    did the first time."""
     heads = [
         [("X-Same", "caf\xe9"), ("Content-Length", "1")],
         [("X-Same", "caf\xe9"), ("Content-Length", "1"), ("Content-Length", "1")],
