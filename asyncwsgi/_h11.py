@@ -252,7 +252,7 @@ def asks_keep_alive(request: h11.Request) -> bool:
 def to_request(request: h11.Request) -> Request:
     """Return the :class:`~asyncwsgi.events.Request` of an ``h11.Request``."""
     if FULL_ITEMS:  # header_pairs(), inline: once per request
-        headers = [(name, value) for _, name, value in request.headers._full_items]  # type: ignore[attr-defined]
+        headers = [(name, value) for _, name, value in request.headers._full_items]
     else:
         headers = list(request.headers)
     return Request(request.method, request.target, request.http_version, headers)
