@@ -221,7 +221,7 @@ class ServerConnection:
         if conn.their_state is h11.MUST_CLOSE:
             # What follows a request that ends the connection is ignored (below), unless an
             # HTTP/1.0 keep-alive response may keep it: then it waits for the next cycle.
-            if self._http10_keep_alive and self._unparsed():
+            if self._http10_keep_alive and _h11.unparsed(conn):
                 events.append(PAUSED)
             return events
         while True:
@@ -232,7 +232,9 @@ class ServerConnection:
             elif self._chunk_line_due:
                 self._check_chunk_line()
             elif self._trailers_due:
-                self._trailers_due = not strict.check_trailers_at(self._unparsed(), 0, self._limits)
+                self._trailers_due = not strict.check_trailers_at(
+                    _h11.unparsed(conn), 0, self._limits
+                )
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
@@ -262,13 +264,11 @@ class ServerConnection:
                     # it ("Got data when expecting EOF") before we could answer it; RFC 9112
                     # section 9.6 lets a server that closes ignore what follows. After an
                     # HTTP/1.0 keep-alive request, what follows waits (reading pauses).
-                    if self._http10_keep_alive and self._unparsed():
+                    if self._http10_keep_alive and _h11.unparsed(conn):
                         events.append(PAUSED)
                     return events
                 if not self._eof and not _h11.unparsed(conn):
-                    # The usual end of a request: h11 has nothing more to say until the next
-                    # byte or EOF (it would answer NEED_DATA).
-                    return events
+                    return events  # the usual end: h11 would only answer NEED_DATA
             elif type(event) is h11.ConnectionClosed:
                 events.append(CONNECTION_CLOSED)
                 return events
@@ -284,10 +284,6 @@ class ServerConnection:
             self._chunk_line_due = True
             self._footer_left = 2
         return Data(data)
-
-    def _unparsed(self) -> bytes | bytearray:
-        """The bytes h11 holds and has not parsed yet (no copy where h11 allows it)."""
-        return _h11.unparsed(self._conn)
 
     def _check_head(self) -> bool:
         """Check the request head h11 holds, before h11 parses it or when it is incomplete.
@@ -309,7 +305,7 @@ class ServerConnection:
                     raise RequestRejected(400, "bare CR before the request line")
                 return False  # the LF may follow; h11 would refuse the CR alone
             self._replace_unparsed(buffered[skip:])
-            buffered = self._unparsed()
+            buffered = _h11.unparsed(self._conn)
             if not buffered:
                 return True
             if buffered == b"\r":
@@ -334,7 +330,7 @@ class ServerConnection:
 
     def _check_chunk_line(self) -> None:
         """Check the next chunk-size line h11 holds before h11 parses it."""
-        buffered = self._unparsed()
+        buffered = _h11.unparsed(self._conn)
         footer = self._footer_left
         if footer:
             received = buffered[:footer]
@@ -449,8 +445,6 @@ class ServerConnection:
         if self._server_header is not None and not has_server:
             headers.append(self._server_header)
         self._bytes_left = declared if self._body_allowed else 0
-        # The worker validated every name and value (asyncwsgi.wsgi) with rules at least as
-        # strict as h11's; h11's second pass of the same regexes is skipped where it can be.
         try:
             data = self._conn.send(_h11.new_response(status, reason, headers))
         except h11.LocalProtocolError as exc:
