@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ClientDisconnected
 from .events import ResponseHead
+from .pool import wait_for_client
 
 if TYPE_CHECKING:
     from .filewrapper import FileWrapper
@@ -241,7 +242,7 @@ class ResponseSink:
             if (
                 not self.disconnected
                 and (self.paused or self.handed - self.bytes_written > self._high_water)
-                and not ready.wait(self._timeout)
+                and not wait_for_client(ready.wait, self._timeout)
             ):
                 self._waiting = False
                 raise ClientDisconnected(f"client read nothing for {self._timeout:g} s")
@@ -401,7 +402,7 @@ class RequestBody:
             if self.reading_paused:
                 self.reading_paused = False
                 self._call(self._target.resume_body)
-            if not self._cond.wait(self._timeout):
+            if not wait_for_client(self._cond.wait, self._timeout):
                 raise ClientDisconnected(f"no request body data for {self._timeout:g} s")
 
     def _take(self, size: int) -> bytes:

@@ -19,13 +19,37 @@ from typing import Any
 
 from .logs import LogThrottle
 
-__all__ = ["ThreadPool", "thread_stack", "current_thread_ident"]
+__all__ = ["ThreadPool", "thread_stack", "current_thread_ident", "wait_for_client"]
 
 #: The ident of the calling thread (:func:`threading.get_ident`): a pool thread records it
 #: where the loop can find which thread runs a call.
 current_thread_ident = threading.get_ident
 
 logger = logging.getLogger("asyncwsgi.error")
+
+#: ``pool``: the :class:`ThreadPool` of the calling pool thread (unset in any other thread).
+_local = threading.local()
+
+
+def wait_for_client(wait: Callable[[float], bool], timeout: float) -> bool:
+    """Return ``wait(timeout)``, the calling pool thread counted meanwhile as waiting for its
+    client (request body bytes, or room in the connection's output), not running the app.
+
+    Any thread; outside a pool thread it is just ``wait(timeout)``. The pool's stall check
+    wakes another thread while every thread awake waits so, even if calls finished since the
+    last check: those threads take no queued call until their clients act, and a client's
+    bytes may be what a queued call's own thread is needed for.
+    """
+    pool: ThreadPool | None = getattr(_local, "pool", None)
+    if pool is None:
+        return wait(timeout)
+    with pool._lock:
+        pool._waiting += 1
+    try:
+        return wait(timeout)
+    finally:
+        with pool._lock:
+            pool._waiting -= 1
 
 
 class ThreadPool:
@@ -43,8 +67,10 @@ class ThreadPool:
     - While calls wait, the loop checks every ``stall`` seconds whether any call finished since
       the last check. If none did, the awake threads are blocked (a database call, a slow
       client, a sleep), and one more thread is woken, or started while the pool is below
-      ``max_threads``. So a call waits at most about ``stall`` seconds behind a blocked one
-      while a thread is free.
+      ``max_threads``. Calls that finished do not hold this back while every awake thread
+      waits for its client (:func:`wait_for_client`: request body bytes, room to write): a
+      thread that finished a call and took the next one may be blocked on it already. So a
+      call waits at most about ``stall`` seconds behind blocked ones while a thread is free.
 
     Threads are daemon threads, started on demand: a request stuck in application code past the
     graceful-shutdown timeout cannot keep the process from exiting.
@@ -97,6 +123,8 @@ class ThreadPool:
         self._closing = False
         #: Guarded by _lock: the stuck threads, by ident, and since when (time.monotonic()).
         self._stuck: dict[int, float] = {}
+        #: Guarded by _lock: threads inside :func:`wait_for_client`.
+        self._waiting = 0
         self._started = 0  # threads started so far, for their names
         self._wake_scheduled = False
         self._watch: asyncio.TimerHandle | None = None
@@ -182,21 +210,26 @@ class ThreadPool:
         self._watch = None
         if not self._calls:
             return
-        self._wake_one(only_if_none_awake=self._progress)
+        self._wake_one(only_if_none_awake=self._progress, waiting_is_idle=True)
         self._progress = False
         self._watch = self._loop.call_later(self._stall, self._check)
 
-    def _wake_one(self, only_if_none_awake: bool) -> None:
+    def _wake_one(self, only_if_none_awake: bool, waiting_is_idle: bool = False) -> None:
         """Unpark a thread, else start one below ``max_threads``. Loop thread; never raises.
 
         With ``only_if_none_awake``, do nothing while a thread is awake: it takes the waiting
-        calls itself before it parks.
+        calls itself before it parks. With ``waiting_is_idle`` too, a thread waiting for its
+        client (:func:`wait_for_client`) does not count as awake.
         """
         wake_up: threading.Lock | None = None
         error: Exception | None = None
         with self._lock:
-            # A stuck thread is awake but will not take a call.
-            if only_if_none_awake and len(self._parked) + len(self._stuck) < len(self._threads):
+            # A stuck thread is awake but will not take a call; nor, for a while, is one that
+            # waits for its client (a stuck one may be counted twice: one wake-up too many).
+            idle = len(self._parked) + len(self._stuck)
+            if waiting_is_idle:
+                idle += self._waiting
+            if only_if_none_awake and idle < len(self._threads):
                 return
             if self._parked:
                 wake_up = self._parked.pop()
@@ -240,6 +273,7 @@ class ThreadPool:
         calls = self._calls
         lock = self._lock
         parked = self._parked
+        _local.pool = self
         try:
             while True:
                 try:

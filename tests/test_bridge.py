@@ -750,6 +750,56 @@ async def test_pool_wakes_another_thread_for_a_call_stuck_behind_a_blocked_one()
         assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
 
 
+@pytest.mark.parametrize("side", ["request body", "response output"])
+async def test_pool_wakes_a_thread_while_every_awake_one_waits_for_its_client(side: str) -> None:
+    """The only thread finished a call since the last stall check, then took the next call,
+    which waits for its client: for request body bytes that have not come, or for the client
+    to read the response. Calls finished, yet no queued call can run until a client acts; the
+    check must wake another thread all the same. (Forced here: the check runs once, by hand,
+    right after a finished call.) The check used to count any finished call as progress and
+    leave the queued calls behind blocked threads, which, with uploads whose bytes wait
+    behind paused reading, stalled a server to a few requests a second."""
+    loop = asyncio.get_running_loop()
+    pool = ThreadPool(loop, 2, name="asyncwsgi_test", stall=NEVER)
+    target = Target()
+    body = RequestBody(loop.call_soon_threadsafe, target, 1000, False, PATIENCE)
+    body._cond = body_waits = SpyCondition()
+    sink = ResponseSink(loop.call_soon_threadsafe, target, 1, PATIENCE, False)
+    sink._ready = sink_waits = SpyEvent()
+    waited = threading.Event()
+
+    def wait_for_the_client() -> None:
+        try:
+            if side == "request body":
+                body.read(1)  # nothing has come yet
+            else:
+                sink.send(HEAD, [b"more than the client has read"], 29, False)
+        except ClientDisconnected:
+            pass
+        waited.set()
+
+    entered = body_waits.entered if side == "request body" else sink_waits.entered
+    try:
+        first = threading.Event()
+        pool.submit(first.set)
+        assert await asyncio.to_thread(first.wait, TIMEOUT)
+
+        pool.submit(wait_for_the_client)
+        assert await asyncio.to_thread(entered.acquire, timeout=TIMEOUT)
+        queued = threading.Event()
+        pool.submit(queued.set)
+        assert pool.threads == 1
+        pool._progress = True  # the first call finished since the last check
+        pool._check()
+        assert await asyncio.to_thread(queued.wait, TIMEOUT), "the queued call never ran"
+        assert pool.threads == 2
+    finally:
+        body.feed_eof()
+        sink.disconnect()
+        assert await asyncio.to_thread(waited.wait, TIMEOUT)
+        assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
+
+
 async def test_pool_shutdown_runs_queued_calls_and_stops_every_thread() -> None:
     pool = ThreadPool(asyncio.get_running_loop(), 4, name="asyncwsgi_test", stall=NEVER)
     warm = threading.Event()
