@@ -402,9 +402,9 @@ def test_zero_copy_view_is_h11_receive_buffer(peek_mode: str) -> None:
     assert ZERO_COPY_AVAILABLE is not _h11.PUBLIC_ONLY
     conn = server()
     conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /next HT")
-    assert bytes(conn._unparsed()) == conn._conn.trailing_data[0] == b"GET /next HT"
+    assert bytes(_h11.unparsed(conn._conn)) == conn._conn.trailing_data[0] == b"GET /next HT"
     if peek_mode == "zero-copy":
-        assert conn._unparsed() is conn._conn._receive_buffer._data
+        assert _h11.unparsed(conn._conn) is conn._conn._receive_buffer._data
 
 
 def test_every_pipelined_head_is_checked() -> None:
