@@ -38,6 +38,7 @@ GROUPS = (
     "Threads and timeouts",
     "Limits",
     "Logging",
+    "Health and metrics",
     "TLS",
     "Proxies",
     "Development",
@@ -245,13 +246,13 @@ class Config:
     shutdown_delay: float = _opt(
         0.0,
         "on SIGTERM, serve this long with the health check failing first",
-        group="Threads and timeouts",
+        group="Health and metrics",
         metavar="SECONDS",
     )
     health_path: str | None = _opt(
         None,
         "answer this path on the loop: 200 ok, 503 once not serving",
-        group="Processes",
+        group="Health and metrics",
         metavar="PATH",
         default_text="off",
     )
@@ -344,7 +345,7 @@ class Config:
     metrics_bind: str | None = _opt(
         None,
         "serve Prometheus metrics at http://HOST:PORT/metrics",
-        group="Logging",
+        group="Health and metrics",
         metavar="ADDRESS",
         default_text="off",
     )

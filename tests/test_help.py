@@ -27,6 +27,7 @@ GROUPS = (
     "Threads and timeouts",
     "Limits",
     "Logging",
+    "Health and metrics",
     "TLS",
     "Proxies",
     "Development",
@@ -114,6 +115,9 @@ def test_every_flag_belongs_to_a_group() -> None:
     grouped = {a.dest for title in GROUPS for a in groups[title]._group_actions}
     assert {field.name for field in dataclasses.fields(Config)} <= grouped
     assert {"app", "config_file", "env_file"} <= grouped
+    # What a load balancer and a scraper talk to is one topic, beside the drain that uses it.
+    health = {a.dest for a in groups["Health and metrics"]._group_actions}
+    assert health == {"health_path", "shutdown_delay", "metrics_bind"}
 
 
 def test_metavars_name_what_the_flag_takes() -> None:
