@@ -64,13 +64,14 @@ class ThreadPool:
     - :meth:`submit` (loop thread) appends the call to a deque. Once per loop iteration, after
       the iteration's I/O callbacks, the pool wakes one parked thread if no thread is awake.
     - A thread runs calls until the deque is empty, then parks on a lock of its own.
-    - While calls wait, the loop checks every ``stall`` seconds whether any call finished since
-      the last check. If none did, the awake threads are blocked (a database call, a slow
-      client, a sleep), and one more thread is woken, or started while the pool is below
-      ``max_threads``. Calls that finished do not hold this back while every awake thread
-      waits for its client (:func:`wait_for_client`: request body bytes, room to write): a
-      thread that finished a call and took the next one may be blocked on it already. So a
-      call waits at most about ``stall`` seconds behind blocked ones while a thread is free.
+    - While calls wait, the loop checks every ``stall`` seconds how many calls finished since
+      the last check. Busy threads (running a call, not waiting for their client through
+      :func:`wait_for_client`: request body bytes, room to write) that finished fewer calls
+      than there are of them are mostly blocked (a database call, a sleep), so one more thread
+      is woken, or started while the pool is below ``max_threads``. Threads that keep up (one
+      call each or more per check) get no company: on one GIL it would only slow them. So a
+      call waits at most about ``stall`` seconds behind blocked ones while a thread is free,
+      and a pool whose calls block fills up to ``max_threads`` within ``max_threads`` checks.
 
     Threads are daemon threads, started on demand: a request stuck in application code past the
     graceful-shutdown timeout cannot keep the process from exiting.
@@ -93,7 +94,7 @@ class ThreadPool:
     section, and the loop checks for parked threads after appending a call, so a wake-up is
     never lost and a parked thread is popped (and its lock released) exactly once. The deque
     itself is outside the lock (``append`` and ``popleft`` are atomic on every build), so a call
-    costs no lock: the lock is taken once per park and once per wake-up. ``_progress`` is only a
+    costs no lock: the lock is taken once per park and once per wake-up. ``_finished`` is only a
     hint for the stall check: a stale read wakes one thread too many or one check late.
 
     Args:
@@ -128,8 +129,8 @@ class ThreadPool:
         self._started = 0  # threads started so far, for their names
         self._wake_scheduled = False
         self._watch: asyncio.TimerHandle | None = None
-        #: Set by a worker after each call, cleared by the loop's stall check.
-        self._progress = False
+        #: Counted by the threads after each call, reset by the loop's stall check.
+        self._finished = 0
         self._start_errors = LogThrottle()
 
     def submit(self, fn: Callable[..., object], *args: Any) -> None:
@@ -202,24 +203,28 @@ class ThreadPool:
             return
         self._wake_one(only_if_none_awake=True)
         if self._watch is None:
-            self._progress = False
+            self._finished = 0
             self._watch = self._loop.call_later(self._stall, self._check)
 
     def _check(self) -> None:
-        """Every ``stall`` seconds while calls wait: wake a thread if none finished. Loop thread."""
+        """Every ``stall`` seconds while calls wait: wake a thread unless the busy ones kept up.
+        Loop thread."""
         self._watch = None
         if not self._calls:
             return
-        self._wake_one(only_if_none_awake=self._progress, waiting_is_idle=True)
-        self._progress = False
+        finished, self._finished = self._finished, 0
+        self._wake_one(only_if_none_awake=False, finished=finished)
         self._watch = self._loop.call_later(self._stall, self._check)
 
-    def _wake_one(self, only_if_none_awake: bool, waiting_is_idle: bool = False) -> None:
+    def _wake_one(self, only_if_none_awake: bool, finished: int | None = None) -> None:
         """Unpark a thread, else start one below ``max_threads``. Loop thread; never raises.
 
         With ``only_if_none_awake``, do nothing while a thread is awake: it takes the waiting
-        calls itself before it parks. With ``waiting_is_idle`` too, a thread waiting for its
-        client (:func:`wait_for_client`) does not count as awake.
+        calls itself before it parks. With ``finished`` (the stall check: calls finished since
+        the last one), do nothing while the busy threads, those running a call and not waiting
+        for their client (:func:`wait_for_client`), finished at least one call each: they keep
+        up, and a thread more would only share the GIL. Fewer means they are mostly blocked (a
+        database, a sleep, a slow client): another thread runs a waiting call meanwhile.
         """
         wake_up: threading.Lock | None = None
         error: Exception | None = None
@@ -227,9 +232,10 @@ class ThreadPool:
             # A stuck thread is awake but will not take a call; nor, for a while, is one that
             # waits for its client (a stuck one may be counted twice: one wake-up too many).
             idle = len(self._parked) + len(self._stuck)
-            if waiting_is_idle:
-                idle += self._waiting
             if only_if_none_awake and idle < len(self._threads):
+                return
+            busy = len(self._threads) - idle - self._waiting
+            if finished is not None and 0 < busy <= finished:
                 return
             if self._parked:
                 wake_up = self._parked.pop()
@@ -295,7 +301,7 @@ class ThreadPool:
                     with contextlib.suppress(BaseException):  # nor if a log handler fails
                         logger.exception("Unhandled error in a worker thread")
                 del fn, args
-                self._progress = True
+                self._finished += 1
                 if stuck and ident in stuck:  # a hint; decided under the lock
                     self._unstuck(me, ident)
         except BaseException:  # the pool's own code failed: do not leave this thread counted

@@ -789,7 +789,7 @@ async def test_pool_wakes_a_thread_while_every_awake_one_waits_for_its_client(si
         queued = threading.Event()
         pool.submit(queued.set)
         assert pool.threads == 1
-        pool._progress = True  # the first call finished since the last check
+        pool._finished = 1  # the first call finished since the last check
         pool._check()
         assert await asyncio.to_thread(queued.wait, TIMEOUT), "the queued call never ran"
         assert pool.threads == 2
@@ -797,6 +797,68 @@ async def test_pool_wakes_a_thread_while_every_awake_one_waits_for_its_client(si
         body.feed_eof()
         sink.disconnect()
         assert await asyncio.to_thread(waited.wait, TIMEOUT)
+        assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
+
+
+async def test_pool_grows_while_its_busy_threads_block_even_as_some_calls_finish() -> None:
+    """Four threads block in the app (a sleep, a database call). One of them finishes its call
+    and takes the next queued one, which blocks too: between two stall checks one call
+    finished, for four busy threads. They do not keep up, so the check starts another thread
+    for the call still queued. The check used to count any finished call as progress, so with
+    many blocked threads, some finishing all the time, the pool stopped growing well short of
+    --threads (44 of 64 under the sleep benchmark)."""
+    pool = ThreadPool(asyncio.get_running_loop(), 8, name="asyncwsgi_test", stall=NEVER)
+    releases = [threading.Event() for _ in range(5)]
+    entered = threading.Semaphore(0)
+
+    def blocked(release: threading.Event) -> None:
+        entered.release()
+        release.wait(3 * TIMEOUT)
+
+    try:
+        for release in releases[:4]:
+            pool.submit(blocked, release)
+            pool._check()  # forced: the stall check of an interval in which nothing finished
+            assert await asyncio.to_thread(entered.acquire, timeout=TIMEOUT)
+        assert pool.threads == 4
+        queued = threading.Event()
+        pool.submit(blocked, releases[4])
+        pool.submit(queued.set)
+        releases[0].set()  # its thread finishes and takes the next call, which blocks
+        assert await asyncio.to_thread(entered.acquire, timeout=TIMEOUT)
+        pool._check()
+        assert await asyncio.to_thread(queued.wait, TIMEOUT), "the queued call never ran"
+        assert pool.threads == 5
+    finally:
+        for release in releases:
+            release.set()
+        assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
+
+
+async def test_pool_keeps_to_one_thread_while_it_keeps_up() -> None:
+    """A busy thread that finished calls since the last check keeps up: no thread is added,
+    whatever is queued (a CPU-bound app on one GIL gains nothing from a second thread)."""
+    pool = ThreadPool(asyncio.get_running_loop(), 8, name="asyncwsgi_test", stall=NEVER)
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def running() -> None:
+        entered.release()
+        release.wait(3 * TIMEOUT)
+
+    try:
+        pool.submit(running)
+        assert await asyncio.to_thread(entered.acquire, timeout=TIMEOUT)
+        done = threading.Event()
+        pool.submit(done.set)
+        pool._finished = 3  # it ran three calls since the last check
+        pool._check()
+        assert pool.threads == 1
+        release.set()
+        assert await asyncio.to_thread(done.wait, TIMEOUT)
+        assert pool.threads == 1
+    finally:
+        release.set()
         assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
 
 
