@@ -24,7 +24,7 @@ import typing
 from typing import Any
 
 from . import response
-from .bridge import EMPTY_BODY, RequestBody, ResponseSink, split_high_water
+from .bridge import EMPTY_BODY, RequestBody, ResponseSink
 from .connstate import (
     CLOSED,
     CLOSING,
@@ -209,8 +209,8 @@ class HTTPChannel(asyncio.Protocol):
             transport.get_extra_info("sslcontext") is None
             and transport.get_extra_info("socket") is not None
         )
-        transport_high_water, self.sink_high_water = split_high_water(config.write_high_water)
-        transport.set_write_buffer_limits(high=transport_high_water)
+        self.sink_high_water = server.sink_high_water
+        transport.set_write_buffer_limits(high=server.transport_high_water)
         self.state_since = server.clock()
         channels = server.channels
         channels.add(self)

@@ -47,7 +47,10 @@ def connection_options(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
-            tokens.update(token.strip(b" \t").lower() for token in value.split(b","))
+            if b"," in value:
+                tokens.update(token.strip(b" \t").lower() for token in value.split(b","))
+            else:  # one token, as nearly always ("close", "keep-alive")
+                tokens.add(value.strip(b" \t").lower())
     return tokens
 
 

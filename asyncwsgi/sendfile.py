@@ -19,8 +19,9 @@ from .filewrapper import FileWrapper
 __all__ = ["FileSender", "SENDFILE_MAX_CHUNK"]
 
 #: Bytes sendfile(2) sends per writable event before the loop runs its other callbacks (nginx's
-#: ``sendfile_max_chunk``): a fast reader of a large file must not keep other connections waiting.
-SENDFILE_MAX_CHUNK = 1024 * 1024
+#: ``sendfile_max_chunk``, and its default): a fast reader of a large file must not keep other
+#: connections waiting.
+SENDFILE_MAX_CHUNK = 2 * 1024 * 1024
 
 
 class FileSender:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .accesslog import AccessFormat
+from .bridge import split_high_water
 from .config import Config
 from .connstate import TimedConnection, TimeoutPolicy
 from .logs import LogThrottle
@@ -134,6 +135,8 @@ class ServerState:
         #: Called when ``--threads`` threads are stuck at once (``--timeout-request``).
         self.on_threads_stuck: Callable[[], None] | None = None
         self.idle_changed: asyncio.Event | None = None
+        #: ``--write-high-water`` split between each transport and its sink, in bytes.
+        self.transport_high_water, self.sink_high_water = split_high_water(config.write_high_water)
         #: ``--health-path`` as a request-target, or None.
         self.health_target = (
             config.health_path.encode("latin-1") if config.health_path is not None else None
