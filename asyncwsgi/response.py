@@ -256,7 +256,7 @@ def log_access(self: Channel, cycle: RequestCycle) -> None:
         return
     args = (
         self.client,
-        escape(request.method.decode("latin-1")),
+        request.method.decode("ascii"),  # a token (RFC 9110 section 9.1): nothing to escape
         escape(request.target.decode("latin-1")),
         request.http_version.decode("latin-1"),
         cycle.status,
