@@ -62,7 +62,8 @@ class ThreadPool:
     thread woken per call) pays for every call.
 
     - :meth:`submit` (loop thread) appends the call to a deque. Once per loop iteration, after
-      the iteration's I/O callbacks, the pool wakes one parked thread if no thread is awake.
+      the iteration's I/O callbacks, the pool wakes one parked thread if no thread is awake,
+      or if the last stall check (below) found the busy threads blocked.
     - A thread runs calls until the deque is empty, then parks on a lock of its own.
     - While calls wait, the loop checks every ``stall`` seconds how many calls finished since
       the last check. Busy threads (running a call, not waiting for their client through
@@ -131,6 +132,8 @@ class ThreadPool:
         self._watch: asyncio.TimerHandle | None = None
         #: Counted by the threads after each call, reset by the loop's stall check.
         self._finished = 0
+        #: What the last stall check found: the busy threads finished a call each or more.
+        self._kept_up = True
         self._start_errors = LogThrottle()
 
     def submit(self, fn: Callable[..., object], *args: Any) -> None:
@@ -201,7 +204,9 @@ class ThreadPool:
         self._wake_scheduled = False
         if not self._calls:
             return
-        self._wake_one(only_if_none_awake=True)
+        # While the busy threads keep up, one of them takes the call; while they are blocked
+        # (the last stall check said so), a parked thread takes it now, not a check later.
+        self._wake_one(only_if_none_awake=self._kept_up)
         if self._watch is None:
             self._finished = 0
             self._watch = self._loop.call_later(self._stall, self._check)
@@ -235,8 +240,10 @@ class ThreadPool:
             if only_if_none_awake and idle < len(self._threads):
                 return
             busy = len(self._threads) - idle - self._waiting
-            if finished is not None and 0 < busy <= finished:
-                return
+            if finished is not None:
+                self._kept_up = 0 < busy <= finished
+                if self._kept_up:
+                    return
             if self._parked:
                 wake_up = self._parked.pop()
             elif len(self._threads) < self._limit():
