@@ -800,6 +800,37 @@ async def test_pool_wakes_a_thread_while_every_awake_one_waits_for_its_client(si
         assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
 
 
+class BlockedCalls:
+    """Application calls that announce they have started, then block (a sleep, a database
+    call) until the test releases them."""
+
+    def __init__(self) -> None:
+        self._entered = threading.Semaphore(0)
+        self._releases: list[threading.Event] = []
+
+    def new(self) -> Callable[[], None]:
+        """A call that blocks until :meth:`release` of its index, or :meth:`release_all`."""
+        release = threading.Event()
+        self._releases.append(release)
+
+        def blocked() -> None:
+            self._entered.release()
+            release.wait(3 * TIMEOUT)
+
+        return blocked
+
+    async def started(self) -> None:
+        """Wait until one more of the calls has started."""
+        assert await asyncio.to_thread(self._entered.acquire, timeout=TIMEOUT)
+
+    def release(self, index: int) -> None:
+        self._releases[index].set()
+
+    def release_all(self) -> None:
+        for release in self._releases:
+            release.set()
+
+
 async def test_pool_grows_while_its_busy_threads_block_even_as_some_calls_finish() -> None:
     """Four threads block in the app (a sleep, a database call). One of them finishes its call
     and takes the next queued one, which blocks too: between two stall checks one call
@@ -808,30 +839,23 @@ async def test_pool_grows_while_its_busy_threads_block_even_as_some_calls_finish
     many blocked threads, some finishing all the time, the pool stopped growing well short of
     --threads (44 of 64 under the sleep benchmark)."""
     pool = ThreadPool(asyncio.get_running_loop(), 8, name="asyncwsgi_test", stall=NEVER)
-    releases = [threading.Event() for _ in range(5)]
-    entered = threading.Semaphore(0)
-
-    def blocked(release: threading.Event) -> None:
-        entered.release()
-        release.wait(3 * TIMEOUT)
-
+    calls = BlockedCalls()
     try:
-        for release in releases[:4]:
-            pool.submit(blocked, release)
+        for _ in range(4):
+            pool.submit(calls.new())
             pool._check()  # forced: the stall check of an interval in which nothing finished
-            assert await asyncio.to_thread(entered.acquire, timeout=TIMEOUT)
+            await calls.started()
         assert pool.threads == 4
         queued = threading.Event()
-        pool.submit(blocked, releases[4])
+        pool.submit(calls.new())
         pool.submit(queued.set)
-        releases[0].set()  # its thread finishes and takes the next call, which blocks
-        assert await asyncio.to_thread(entered.acquire, timeout=TIMEOUT)
+        calls.release(0)  # its thread finishes and takes the next call, which blocks
+        await calls.started()
         pool._check()
         assert await asyncio.to_thread(queued.wait, TIMEOUT), "the queued call never ran"
         assert pool.threads == 5
     finally:
-        for release in releases:
-            release.set()
+        calls.release_all()
         assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
 
 
@@ -840,16 +864,10 @@ async def test_pool_unparks_a_thread_at_once_while_its_busy_ones_are_blocked() -
     by a parked thread in the same loop iteration, not a check later: with 64 threads asleep
     in the app, each new request used to wait for one of them to wake (about 1.2 ms of 50)."""
     pool = ThreadPool(asyncio.get_running_loop(), 2, name="asyncwsgi_test", stall=NEVER)
-    release = threading.Event()
-    entered = threading.Semaphore(0)
-
-    def blocked() -> None:
-        entered.release()
-        release.wait(3 * TIMEOUT)
-
+    calls = BlockedCalls()
     try:
-        pool.submit(blocked)
-        assert await asyncio.to_thread(entered.acquire, timeout=TIMEOUT)
+        pool.submit(calls.new())
+        await calls.started()
         first = threading.Event()
         pool.submit(first.set)
         pool._check()  # forced: nothing finished, one busy thread: blocked; a second starts
@@ -859,7 +877,7 @@ async def test_pool_unparks_a_thread_at_once_while_its_busy_ones_are_blocked() -
         pool.submit(second.set)  # the second thread has parked; no check runs from here on
         assert await asyncio.to_thread(second.wait, TIMEOUT), "the call waited for a check"
     finally:
-        release.set()
+        calls.release_all()
         assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
 
 
@@ -867,26 +885,20 @@ async def test_pool_keeps_to_one_thread_while_it_keeps_up() -> None:
     """A busy thread that finished calls since the last check keeps up: no thread is added,
     whatever is queued (a CPU-bound app on one GIL gains nothing from a second thread)."""
     pool = ThreadPool(asyncio.get_running_loop(), 8, name="asyncwsgi_test", stall=NEVER)
-    release = threading.Event()
-    entered = threading.Semaphore(0)
-
-    def running() -> None:
-        entered.release()
-        release.wait(3 * TIMEOUT)
-
+    calls = BlockedCalls()
     try:
-        pool.submit(running)
-        assert await asyncio.to_thread(entered.acquire, timeout=TIMEOUT)
+        pool.submit(calls.new())
+        await calls.started()
         done = threading.Event()
         pool.submit(done.set)
         pool._finished = 3  # it ran three calls since the last check
         pool._check()
         assert pool.threads == 1
-        release.set()
+        calls.release(0)
         assert await asyncio.to_thread(done.wait, TIMEOUT)
         assert pool.threads == 1
     finally:
-        release.set()
+        calls.release_all()
         assert await asyncio.to_thread(pool.shutdown, TIMEOUT) == 0
 
 
